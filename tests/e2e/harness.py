@@ -1,0 +1,137 @@
+"""Running the real ``twistd tlsproxy`` process and external tools from end-to-end tests.
+
+Everything binds to loopback only, and every wait here is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def need_tool(name: str, path: str | None = None) -> str:
+    """The path of an external tool; skip the test without it (fail under CI=true)."""
+    found = path if path and os.access(path, os.X_OK) else shutil.which(name)
+    if found:
+        return found
+    message = f"{name} is not installed (scripts/test installs it)"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 20.0) -> None:
+    """Wait until something accepts on 127.0.0.1:``port``.
+
+    :raises RuntimeError: if ``proc`` exits first or ``timeout`` seconds pass.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listened on port {port} within {timeout} s")
+
+
+def twistd_command(*args: str) -> list[str]:
+    """The ``twistd`` script installed beside this interpreter, with ``args``."""
+    return [str(Path(sys.executable).parent / "twistd"), *args]
+
+
+class TlsproxyProcess:
+    """A ``twistd -n tlsproxy --config FILE`` child process and its log."""
+
+    def __init__(self, config: Mapping[str, Any], directory: Path, https_port: int) -> None:
+        self.https_port = https_port
+        self.config_path = directory / "proxy.yaml"
+        self.config_path.write_text(yaml.safe_dump(dict(config)))
+        self.log_path = directory / "tlsproxy.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            twistd_command("-n", "--pidfile=", "tlsproxy", "--config", str(self.config_path)),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+        )
+
+    @property
+    def log(self) -> str:
+        """Everything the process printed so far."""
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        """Stop the process (SIGTERM, then SIGKILL after 10 s) and return its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+        return self.proc.returncode
+
+
+def start_tlsproxy(
+    config: Mapping[str, Any], directory: Path, https_port: int | None = None
+) -> TlsproxyProcess:
+    """Start tlsproxy with ``config``, whose ``listen.https`` is filled in if absent.
+
+    :raises RuntimeError: with the process log if it does not start listening.
+    """
+    config = dict(config)
+    if https_port is None:
+        https_port = free_port()
+    config.setdefault("listen", {"https": [f"tcp:{https_port}:interface=127.0.0.1"]})
+    proxy = TlsproxyProcess(config, directory, https_port)
+    try:
+        wait_for_port(https_port, proxy.proc)
+    except RuntimeError as exc:
+        proxy.stop()
+        raise RuntimeError(f"{exc}\n--- tlsproxy log ---\n{proxy.log}") from None
+    return proxy
+
+
+@pytest.fixture
+def tlsproxy_runner(tmp_path: Path) -> Iterator[Any]:
+    """Start tlsproxy processes for a test; all are stopped afterwards."""
+    started: list[TlsproxyProcess] = []
+
+    def run(config: Mapping[str, Any], https_port: int | None = None) -> TlsproxyProcess:
+        directory = tmp_path / f"proxy{len(started)}"
+        directory.mkdir()
+        proxy = start_tlsproxy(config, directory, https_port)
+        started.append(proxy)
+        return proxy
+
+    yield run
+    for proxy in started:
+        proxy.stop()

@@ -1,0 +1,1014 @@
+"""The proxy engine end to end in memory: client bytes in, backend bytes and client bytes out.
+
+Every test drives raw HTTP/1.1 bytes through `tests.proxyharness`, which joins
+a client, the proxy and fake backends with in-memory transports and a fake
+clock: no sockets, no sleeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import cast
+
+import pytest
+from twisted.internet import error
+from twisted.internet.address import IPv6Address
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
+
+from tests.proxyharness import (
+    BACKEND,
+    OTHER_BACKEND,
+    FakeBackend,
+    Harness,
+    MemoryTransport,
+    chunked,
+    parse_requests,
+    parse_responses,
+    request,
+    response,
+)
+from tlsproxy.config import Backend
+from tlsproxy.proxy import ProxySettings
+from tlsproxy.routing import Route
+
+
+@pytest.fixture
+def h() -> Harness:
+    return Harness()
+
+
+@pytest.fixture
+def logged() -> Iterator[list[dict[str, object]]]:
+    events: list[dict[str, object]] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    yield events
+    globalLogPublisher.removeObserver(observer)
+
+
+def one_request(h: Harness) -> bytes:
+    """What the only backend received (asserting there is exactly one backend)."""
+    assert len(h.backends) == 1
+    return h.backends[0].take()
+
+
+# ---------------------------------------------------------------- forwarding
+
+
+def test_get_is_forwarded_and_answered(h: Harness) -> None:
+    """A GET reaches the backend with Host preserved and our forwarding headers; the
+    client gets the backend's response unchanged."""
+    client, _ = h.client()
+    client.send(request(b"GET", b"/path?q=1", [(b"Accept", b"text/html")]))
+    h.pump()
+    [seen] = parse_requests(one_request(h))
+    assert (seen.method, seen.target, seen.version) == (b"GET", b"/path?q=1", "1.1")
+    assert seen.header(b"Host") == b"example.com"
+    assert seen.header(b"Accept") == b"text/html"
+    assert seen.header(b"X-Forwarded-For") == b"192.0.2.7"
+    assert seen.header(b"X-Forwarded-Proto") == b"https"
+    assert seen.header(b"X-Forwarded-Host") == b"example.com"
+    assert seen.header(b"X-Forwarded-Port") == b"443"
+    assert seen.header(b"Forwarded") == b"for=192.0.2.7;proto=https;host=example.com"
+    h.backends[0].send(response(200, b"hello", [(b"Content-Type", b"text/plain")]))
+    h.pump()
+    assert client.take() == (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
+    )
+    assert client.lost is None
+
+
+def test_host_with_port_and_case_is_preserved(h: Harness) -> None:
+    """The Host header reaches the backend exactly as the client sent it; the router
+    gets the name without the port."""
+    client, _ = h.client()
+    client.send(request(host=b"Example.COM:443"))
+    h.pump()
+    [seen] = parse_requests(one_request(h))
+    assert seen.header(b"Host") == b"Example.COM:443"
+    assert h.router_calls == [(None, b"Example.COM")]
+
+
+def test_sni_is_given_to_the_router(h: Harness) -> None:
+    """The TLS server name the client sent is passed to the router."""
+    client, _ = h.client(sni=b"example.com")
+    client.send(request())
+    h.pump()
+    assert h.router_calls == [("example.com", b"example.com")]
+
+
+def test_repeated_response_headers_keep_their_order(h: Harness) -> None:
+    """Several Set-Cookie headers reach the client separately and in order."""
+    client, _ = h.client()
+    cookies = [(b"Set-Cookie", b"a=1"), (b"X-Other", b"x"), (b"Set-Cookie", b"b=2; Secure")]
+    data = h.exchange(client, request(), response(200, b"", cookies))
+    [resp] = parse_responses(data)
+    assert resp.header_all(b"Set-Cookie") == [b"a=1", b"b=2; Secure"]
+    assert resp.headers[:3] == cookies
+
+
+def test_unknown_host_gets_421(h: Harness) -> None:
+    """A Host that matches no site is answered 421 without contacting any backend;
+    the connection stays usable."""
+    client, _ = h.client()
+    client.send(request(host=b"unknown.example"))
+    h.pump()
+    [resp] = parse_responses(client.take())
+    assert resp.status == 421
+    assert resp.header(b"Connection") is None
+    assert h.backends == [] and h.reactor.pending == []
+    client.send(request())
+    h.pump()
+    assert len(h.backends) == 1
+
+
+def test_keep_alive_reuses_one_backend_connection(h: Harness) -> None:
+    """Many requests on one client connection are served over one backend connection."""
+    client, _ = h.client()
+    for i in range(5):
+        body = b"response %d" % i
+        data = h.exchange(client, request(target=b"/%d" % i), response(200, body))
+        assert parse_responses(data)[0].body == body
+    assert len(h.backends) == 1
+    assert [m.target for m in parse_requests(h.backends[0].take())] == [
+        b"/0",
+        b"/1",
+        b"/2",
+        b"/3",
+        b"/4",
+    ]
+
+
+def test_pooled_connection_is_shared_between_clients(h: Harness) -> None:
+    """A backend connection freed by one client serves the next client."""
+    first, _ = h.client()
+    h.exchange(first, request(), response(200, b"a"))
+    second, _ = h.client()
+    data = h.exchange(second, request(), response(200, b"b"))
+    assert parse_responses(data)[0].body == b"b"
+    assert len(h.backends) == 1
+    assert h.pools.idle_count(BACKEND) == 1
+
+
+def test_each_backend_has_its_own_pool(h: Harness) -> None:
+    """Requests for different sites go to their own backends."""
+    client, _ = h.client()
+    h.exchange(client, request(host=b"example.com"), response(200, b"a"))
+    h.exchange(client, request(host=b"other.example"), response(200, b"b"))
+    assert len(h.backends) == 2
+    assert h.pools.idle_count(BACKEND) == 1
+    assert h.pools.idle_count(OTHER_BACKEND) == 1
+
+
+def test_pipelined_requests_are_answered_in_order(h: Harness) -> None:
+    """Pipelined requests are forwarded one at a time and answered in order; reading
+    pauses while one is in flight."""
+    client, proto = h.client()
+    client.send(request(target=b"/1") + request(target=b"/2") + request(target=b"/3"))
+    h.pump()
+    backend = h.backends[0]
+    assert [m.target for m in parse_requests(backend.take())] == [b"/1"]
+    assert proto.transport.reading_paused  # type: ignore[union-attr]
+    backend.send(response(200, b"one"))
+    h.pump()
+    assert [m.target for m in parse_requests(backend.take())] == [b"/2"]
+    backend.send(response(200, b"two"))
+    h.pump()
+    backend.send(response(200, b"three"))
+    h.pump()
+    assert [r.body for r in parse_responses(client.take())] == [b"one", b"two", b"three"]
+    assert not proto.transport.reading_paused  # type: ignore[union-attr]
+    assert len(h.backends) == 1
+
+
+def test_pipelined_request_with_body(h: Harness) -> None:
+    """A pipelined POST's body, read while an earlier request was served, reaches the backend."""
+    client, _ = h.client()
+    client.send(request(target=b"/1") + request(b"POST", b"/2", body=b"payload"))
+    h.pump()
+    backend = h.backends[0]
+    backend.take()
+    backend.send(response(200, b"one"))
+    h.pump()
+    [post] = parse_requests(backend.take())
+    assert (post.method, post.body, post.header(b"Content-Length")) == (b"POST", b"payload", b"7")
+
+
+def test_post_with_content_length(h: Harness) -> None:
+    """A Content-Length body is forwarded byte for byte with the same length."""
+    client, _ = h.client()
+    client.send(request(b"POST", b"/upload", [(b"Content-Type", b"x/y")], body=b"a" * 1000))
+    h.pump()
+    [seen] = parse_requests(one_request(h))
+    assert seen.body == b"a" * 1000
+    assert seen.header(b"Content-Length") == b"1000"
+    assert seen.complete
+
+
+def test_body_arriving_in_pieces_streams(h: Harness) -> None:
+    """Body bytes are forwarded as they arrive, before the body is complete."""
+    client, _ = h.client()
+    head = request(b"POST", b"/", body=b"0123456789")
+    client.send(head[:-6])
+    h.pump()
+    assert h.backends[0].received.endswith(b"\r\n\r\n0123")
+    client.send(head[-6:])
+    h.pump()
+    [seen] = parse_requests(h.backends[0].take())
+    assert seen.body == b"0123456789" and seen.complete
+
+
+def test_chunked_request_is_rechunked(h: Harness) -> None:
+    """A chunked upload reaches the backend with valid chunked framing; chunk extensions
+    and trailers are dropped."""
+    client, _ = h.client()
+    body = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+    client.send(request(b"POST", b"/", [(b"Transfer-Encoding", b"chunked")]) + body)
+    h.pump()
+    raw = one_request(h)
+    assert raw.endswith(b"\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+    [seen] = parse_requests(raw)
+    assert seen.header(b"Transfer-Encoding") == b"chunked"
+    assert seen.header(b"Content-Length") is None
+    assert seen.body == b"hello world"
+
+
+def test_chunked_response_is_relayed(h: Harness) -> None:
+    """A chunked response reaches an HTTP/1.1 client chunked; trailers are dropped."""
+    client, _ = h.client()
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(b"ab", b"cde")
+    data = h.exchange(client, request(), raw[:-2] + b"X-T: 1\r\n\r\n")
+    assert data.endswith(b"\r\n\r\n2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n")
+    [resp] = parse_responses(data)
+    assert resp.body == b"abcde" and resp.complete
+
+
+def test_close_delimited_response_is_chunked_for_http11(h: Harness) -> None:
+    """A backend response without length is chunked to an HTTP/1.1 client, whose
+    connection stays open; the backend connection is not reused."""
+    client, _ = h.client()
+    client.send(request())
+    h.pump()
+    backend = h.backends[0]
+    backend.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart one, ")
+    h.pump()
+    backend.send(b"part two")
+    backend.close()
+    h.pump()
+    [resp] = parse_responses(client.take())
+    assert resp.header(b"Transfer-Encoding") == b"chunked"
+    assert resp.body == b"part one, part two" and resp.complete
+    assert client.lost is None
+    assert h.pools.connection_count() == 0
+
+
+def test_close_delimited_response_to_http10_client(h: Harness) -> None:
+    """An HTTP/1.0 client gets a length-less response delimited by closing the connection."""
+    client, _ = h.client()
+    client.send(request(version=b"HTTP/1.0", headers=[(b"Connection", b"keep-alive")]))
+    h.pump()
+    h.backends[0].send(b"HTTP/1.1 200 OK\r\n\r\nbody")
+    h.backends[0].close()
+    h.pump()
+    data = client.take()
+    assert data == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nbody"
+    assert client.lost is not None
+
+
+def test_http10_keep_alive(h: Harness) -> None:
+    """An HTTP/1.0 client asking for keep-alive gets it when the length is known."""
+    client, _ = h.client()
+    req = request(version=b"HTTP/1.0", headers=[(b"Connection", b"keep-alive")])
+    data = h.exchange(client, req, response(200, b"x"))
+    [resp] = parse_responses(data)
+    assert resp.header(b"Connection") == b"keep-alive"
+    data = h.exchange(client, request(version=b"HTTP/1.0"), response(200, b"y"))
+    assert parse_responses(data)[0].header(b"Connection") == b"close"
+    h.pump()
+    assert client.lost is not None
+    [first, second] = parse_requests(h.backends[0].take())
+    assert first.version == second.version == "1.1"  # the backend always gets HTTP/1.1
+    assert first.header(b"Connection") is None
+
+
+def test_head_response_has_no_body_and_connection_is_reused(h: Harness) -> None:
+    """A HEAD response with Content-Length carries no body, and the backend connection
+    serves the next request."""
+    client, _ = h.client()
+    client.send(request(b"HEAD"))
+    h.pump()
+    h.backends[0].send(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
+    h.pump()
+    assert client.take() == b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"
+    data = h.exchange(client, request(), response(200, b"after"))
+    assert parse_responses(data)[0].body == b"after"
+    assert len(h.backends) == 1
+
+
+def test_head_response_in_pieces_with_chunked_header(h: Harness) -> None:
+    """A HEAD response announcing chunked framing, arriving in pieces, ends at its head."""
+    client, _ = h.client()
+    client.send(request(b"HEAD"))
+    h.pump()
+    h.backends[0].send(b"HTTP/1.1 200 OK\r\nTransfer-")
+    h.pump()
+    h.backends[0].send(b"Encoding: chunked\r\nX-A: 1\r\n\r\n")
+    h.pump()
+    assert client.take() == b"HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n"
+    assert h.pools.idle_count(BACKEND) == 1
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_no_body_statuses(h: Harness, status: int) -> None:
+    """204 and 304 responses have no body and keep both connections usable."""
+    client, _ = h.client()
+    data = h.exchange(client, request(), b"HTTP/1.1 %d X\r\nETag: e\r\n\r\n" % status)
+    assert data == b"HTTP/1.1 %d X\r\nETag: e\r\n\r\n" % status
+    data = h.exchange(client, request(), response(200, b"next"))
+    assert parse_responses(data)[0].body == b"next"
+    assert len(h.backends) == 1
+
+
+def test_interim_responses(h: Harness) -> None:
+    """103 Early Hints reaches the client; a stray 100 Continue from the backend does not."""
+    client, _ = h.client()
+    data = h.exchange(
+        client,
+        request(),
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n" + response(200, b"ok"),
+    )
+    assert data.startswith(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n")
+    assert data.endswith(b"\r\n\r\nok")
+    assert b"100 Continue" not in data
+
+
+def test_client_connection_close(h: Harness) -> None:
+    """A client's Connection: close is honoured after the response; later bytes are ignored."""
+    client, _ = h.client()
+    client.send(request(headers=[(b"Connection", b"close")]) + request(target=b"/ignored"))
+    h.pump()
+    [seen] = parse_requests(h.backends[0].take())
+    assert seen.header(b"Connection") is None
+    h.backends[0].send(response(200, b"bye"))
+    h.pump()
+    [resp] = parse_responses(client.take())
+    assert resp.header(b"Connection") == b"close"
+    assert client.lost is not None
+    assert h.backends[0].take() == b""
+    assert h.pools.idle_count(BACKEND) == 1
+
+
+def test_backend_connection_close_is_not_reused(h: Harness) -> None:
+    """A backend response with Connection: close ends that backend connection, not the
+    client's; the next request opens a new backend connection."""
+    client, _ = h.client()
+    data = h.exchange(client, request(), response(200, b"a", [(b"Connection", b"close")]))
+    [resp] = parse_responses(data)
+    assert resp.header(b"Connection") is None
+    h.exchange(client, request(), response(200, b"b"))
+    assert len(h.backends) == 2
+    assert h.backends[0].lost is not None
+
+
+def test_response_hop_by_hop_headers_are_removed(h: Harness) -> None:
+    """Keep-Alive, Connection and headers it names do not reach the client."""
+    client, _ = h.client()
+    headers = [
+        (b"Keep-Alive", b"timeout=5"),
+        (b"Connection", b"X-Internal"),
+        (b"X-Internal", b"secret"),
+        (b"X-Public", b"ok"),
+    ]
+    [resp] = parse_responses(h.exchange(client, request(), response(200, b"", headers)))
+    assert resp.names() == [b"x-public", b"content-length"]
+
+
+def test_client_forwarding_headers_are_replaced(h: Harness) -> None:
+    """Client-sent X-Forwarded-*, Forwarded, X-Real-IP and underscore headers never reach
+    the backend; ours do, exactly once."""
+    client, _ = h.client()
+    spoofed = [
+        (b"X-Forwarded-For", b"10.9.9.9"),
+        (b"X-Forwarded-Proto", b"http"),
+        (b"Forwarded", b"for=10.9.9.9"),
+        (b"X-Real-IP", b"10.9.9.9"),
+        (b"X_Forwarded_For", b"10.9.9.9"),
+        (b"Proxy-Authorization", b"Basic eA=="),
+        (b"Connection", b"X-Drop"),
+        (b"X-Drop", b"1"),
+    ]
+    client.send(request(headers=spoofed))
+    h.pump()
+    [seen] = parse_requests(one_request(h))
+    assert seen.header_all(b"X-Forwarded-For") == [b"192.0.2.7"]
+    assert seen.header_all(b"X-Forwarded-Proto") == [b"https"]
+    assert seen.header_all(b"Forwarded") == [b"for=192.0.2.7;proto=https;host=example.com"]
+    for name in [b"x-real-ip", b"x_forwarded_for", b"proxy-authorization", b"x-drop"]:
+        assert name not in seen.names()
+
+
+def test_ipv6_client_forwarded_header(h: Harness) -> None:
+    """An IPv6 client appears bracketed and quoted in Forwarded, plain in X-Forwarded-For."""
+    client, _ = h.client(IPv6Address("TCP", "2001:db8::5", 50000))
+    client.send(request())
+    h.pump()
+    [seen] = parse_requests(one_request(h))
+    assert seen.header(b"X-Forwarded-For") == b"2001:db8::5"
+    assert seen.header(b"Forwarded") == b'for="[2001:db8::5]";proto=https;host=example.com'
+
+
+def test_absolute_form_target_matching_host(h: Harness) -> None:
+    """An absolute-form target naming the Host is forwarded in origin form."""
+    client, _ = h.client()
+    client.send(request(target=b"https://example.com/a?b"))
+    h.pump()
+    [seen] = parse_requests(one_request(h))
+    assert seen.target == b"/a?b"
+
+
+def test_options_asterisk(h: Harness) -> None:
+    """OPTIONS * is forwarded as is."""
+    client, _ = h.client()
+    client.send(request(b"OPTIONS", b"*"))
+    h.pump()
+    [seen] = parse_requests(one_request(h))
+    assert (seen.method, seen.target) == (b"OPTIONS", b"*")
+
+
+def test_tcp_nodelay_on_both_sides(h: Harness) -> None:
+    """Nagle's algorithm is off on the client and backend connections."""
+    client, proto = h.client()
+    h.exchange(client, request(), response())
+    assert proto.transport.no_delay  # type: ignore[union-attr]
+    assert h.backends[0].t.other is not None and h.backends[0].t.other.no_delay
+
+
+def test_response_head_and_small_body_are_one_write(h: Harness) -> None:
+    """A response's head and the body bytes that came with it go to the client in one write."""
+    client, proto = h.client()
+    client.send(request())
+    h.pump()
+    assert isinstance(proto.transport, MemoryTransport)
+    writes = proto.transport.record_writes()
+    h.backends[0].send(response(200, b"small body"))
+    h.pump()
+    assert len(writes) == 1 and writes[0].endswith(b"small body")
+
+
+def test_request_head_and_body_are_one_write(h: Harness) -> None:
+    """On a pooled connection, a request's head and the body bytes read with it are
+    sent to the backend in one write."""
+    client, _ = h.client()
+    h.exchange(client, request(), response())
+    backend = h.backends[0]
+    proxy_side = backend.t.other
+    assert proxy_side is not None
+    writes = proxy_side.record_writes()
+    client.send(request(b"POST", body=b"0123456789"))
+    h.pump()
+    assert len(writes) == 1 and writes[0].endswith(b"\r\n\r\n0123456789")
+
+
+# ------------------------------------------------------------------ failures
+
+
+def test_connection_refused_is_502(h: Harness, logged: list[dict[str, object]]) -> None:
+    """A backend that refuses connections gets the client a plain 502, and the failure
+    is logged with site, upstream and reason."""
+    h.backend_servers[(BACKEND.host, BACKEND.port)] = error.ConnectionRefusedError()
+    client, _ = h.client()
+    client.send(request(target=b"/x"))
+    h.pump()
+    [resp] = parse_responses(client.take())
+    assert resp.status == 502
+    assert resp.body == b"502 Bad Gateway\n"
+    assert resp.header(b"Content-Type") == b"text/plain; charset=utf-8"
+    assert b"10.0.0.2" not in resp.body
+    assert client.lost is None  # the request was complete: the connection stays
+    [event] = [e for e in logged if e.get("reason") == "connection refused"]
+    assert event["site"] == "example.com"
+    assert event["upstream"] == "10.0.0.2:8080"
+    assert event["log_level"] == LogLevel.warn
+
+
+def test_connect_timeout_is_504(h: Harness) -> None:
+    """A backend that cannot be reached in time gets the client 504; the connect
+    timeout comes from the settings (10 s by default)."""
+    h.backend_servers[(BACKEND.host, BACKEND.port)] = error.TimeoutError()
+    client, _ = h.client()
+    client.send(request())
+    h.pump()
+    assert parse_responses(client.take())[0].status == 504
+    assert h.reactor.connect_timeouts == [10.0]
+
+
+def test_dns_failure_is_502(h: Harness) -> None:
+    """A backend name that does not resolve gets 502."""
+    h.backend_servers[(BACKEND.host, BACKEND.port)] = error.DNSLookupError("nope")
+    client, _ = h.client()
+    client.send(request())
+    h.pump()
+    assert parse_responses(client.take())[0].status == 502
+
+
+def test_unsupported_backend_scheme_is_502() -> None:
+    """A route to a backend scheme the pool cannot speak gets 502, not a crash."""
+    tls_backend = Backend(scheme="https", host="10.0.0.9", port=443)
+    h = Harness(routes={b"example.com": Route(site="example.com", backend=tls_backend)})
+    client, _ = h.client()
+    client.send(request())
+    h.pump()
+    h.reactor.advance(0)
+    h.pump()
+    assert parse_responses(client.take())[0].status == 502
+
+
+def test_failed_post_body_still_arriving_closes(h: Harness) -> None:
+    """A 502 sent while a large request body is still coming closes the connection."""
+    h.backend_servers[(BACKEND.host, BACKEND.port)] = error.ConnectionRefusedError()
+    client, _ = h.client()
+    client.send(request(b"POST", body=b"x" * 200_000)[:1000])
+    h.pump()
+    [resp] = parse_responses(client.take())
+    assert resp.status == 502 and resp.header(b"Connection") == b"close"
+    assert client.lost is not None
+
+
+def test_response_timeout_is_504(h: Harness) -> None:
+    """A backend that sends nothing within backend_read_timeout gets the client a 504,
+    and that backend connection is dropped."""
+    client, _ = h.client()
+    client.send(request())
+    h.pump()
+    h.advance(59)
+    assert client.received == b""
+    h.advance(2)
+    assert parse_responses(client.take())[0].status == 504
+    assert h.backends[0].lost is not None
+    assert client.lost is None
+
+
+def test_backend_stalling_mid_body_closes_client(h: Harness) -> None:
+    """A backend that stops sending mid-body leaves the client with a cut-short
+    response and a closed connection, never a silently complete one."""
+    client, _ = h.client()
+    client.send(request())
+    h.pump()
+    h.backends[0].send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+    h.pump()
+    h.advance(62)
+    assert client.lost is not None
+    assert client.take().endswith(b"partial")
+
+
+def test_garbage_response_is_502(h: Harness) -> None:
+    """A backend answering with something that is not HTTP gets the client a 502."""
+    client, _ = h.client()
+    data = h.exchange(client, request(), b"SSH-2.0-OpenSSH_9.6\r\n")
+    assert parse_responses(data)[0].status == 502
+    assert h.backends[0].lost is not None
+    data = h.exchange(client, request(), response(200, b"fresh"))
+    assert parse_responses(data)[0].body == b"fresh"
+
+
+def test_bad_response_framing_is_502(h: Harness) -> None:
+    """A response with both Content-Length and Transfer-Encoding is refused with 502."""
+    client, _ = h.client()
+    bad = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    assert parse_responses(h.exchange(client, request(), bad))[0].status == 502
+
+
+def test_response_with_unknown_coding_is_502(h: Harness) -> None:
+    """A response body in a transfer coding we cannot relay is refused with 502."""
+    client, _ = h.client()
+    bad = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nxxxx"
+    assert parse_responses(h.exchange(client, request(), bad))[0].status == 502
+
+
+def test_oversized_response_head_is_502() -> None:
+    """A backend response head larger than max_response_header_bytes is refused with 502."""
+    h = Harness(ProxySettings(max_response_header_bytes=1000))
+    client, _ = h.client()
+    big = response(200, b"", [(b"X-Big", b"v" * 2000)])
+    assert parse_responses(h.exchange(client, request(), big))[0].status == 502
+
+
+def test_close_before_response_head_is_502(h: Harness) -> None:
+    """A backend that closes after a partial head gets the client a 502."""
+    client, _ = h.client()
+    client.send(request())
+    h.pump()
+    h.backends[0].send(b"HTTP/1.1 200 OK\r\nContent-")
+    h.backends[0].close()
+    h.pump()
+    [resp] = parse_responses(client.take())
+    assert resp.status == 502
+
+
+def test_close_mid_body_closes_client(h: Harness) -> None:
+    """A backend closing before the announced length leaves the client with a closed
+    connection and a short body, never a silently complete response."""
+    client, _ = h.client()
+    client.send(request())
+    h.pump()
+    h.backends[0].send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
+    h.backends[0].close()
+    h.pump()
+    assert client.take() == b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345"
+    assert client.lost is not None
+
+
+def test_close_mid_chunked_body_omits_last_chunk(h: Harness) -> None:
+    """A chunked response cut short reaches the client without its last chunk."""
+    client, _ = h.client()
+    client.send(request())
+    h.pump()
+    h.backends[0].send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    h.backends[0].close()
+    h.pump()
+    data = client.take()
+    assert data.endswith(b"3\r\nabc\r\n")
+    assert b"0\r\n\r\n" not in data
+    assert client.lost is not None
+
+
+def test_client_disconnect_aborts_backend_request(h: Harness) -> None:
+    """A client hanging up while its request is in flight drops that backend connection."""
+    client, _ = h.client()
+    client.send(request())
+    h.pump()
+    client.close()
+    h.pump()
+    assert h.backends[0].lost is not None
+    assert h.pools.connection_count() == 0
+
+
+def test_client_disconnect_mid_upload(h: Harness) -> None:
+    """A client hanging up mid-upload drops the backend connection carrying it."""
+    client, _ = h.client()
+    client.send(request(b"POST", body=b"x" * 100)[:-50])
+    h.pump()
+    client.close()
+    h.pump()
+    assert h.backends[0].lost is not None
+    assert h.pools.idle_count() == 0
+
+
+def test_stale_pooled_connection_is_retried_for_get(h: Harness) -> None:
+    """If a reused backend connection closes before answering a GET, the request is sent
+    once more on a fresh connection."""
+    client, _ = h.client()
+    h.exchange(client, request(), response(200, b"first"))
+    client.send(request(target=b"/again"))
+    h.pump()
+    h.backends[0].close()
+    h.pump()
+    assert len(h.backends) == 2
+    [seen] = parse_requests(h.backends[1].take())
+    assert seen.target == b"/again"
+    h.backends[1].send(response(200, b"second"))
+    h.pump()
+    assert parse_responses(client.take())[0].body == b"second"
+
+
+def test_stale_pooled_connection_is_not_retried_for_post(h: Harness) -> None:
+    """A POST is never sent twice: a reused connection closing before answering is a 502."""
+    client, _ = h.client()
+    h.exchange(client, request(), response(200, b"first"))
+    client.send(request(b"POST", body=b"x"))
+    h.pump()
+    h.backends[0].close()
+    h.pump()
+    assert len(h.backends) == 1
+    assert parse_responses(client.take())[0].status == 502
+
+
+def test_idle_backend_connections_expire(h: Harness) -> None:
+    """Idle pooled connections are closed after backend_idle_timeout (4 s by default)."""
+    client, _ = h.client()
+    h.exchange(client, request(), response())
+    assert h.pools.idle_count() == 1
+    h.advance(3)
+    assert h.pools.idle_count() == 1
+    h.advance(2)
+    assert h.pools.idle_count() == 0
+    assert h.backends[0].lost is not None
+
+
+def test_expired_idle_connection_is_not_handed_out() -> None:
+    """A pooled connection past its idle timeout is never reused, even before the sweep."""
+    h = Harness(ProxySettings(sweep_interval=100))
+    client, _ = h.client()
+    h.exchange(client, request(), response())
+    h.reactor.advance(5)
+    h.exchange(client, request(), response())
+    assert len(h.backends) == 2
+
+
+def test_backend_closing_idle_connection_leaves_pool(h: Harness) -> None:
+    """An idle pooled connection the backend closes is forgotten."""
+    client, _ = h.client()
+    h.exchange(client, request(), response())
+    h.backends[0].close()
+    h.pump()
+    assert h.pools.idle_count() == 0
+    h.exchange(client, request(), response())
+    assert len(h.backends) == 2
+
+
+def test_unsolicited_bytes_on_idle_connection_discard_it(h: Harness) -> None:
+    """A backend sending bytes on an idle connection loses that connection."""
+    client, _ = h.client()
+    h.exchange(client, request(), response())
+    h.backends[0].send(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+    h.pump()
+    assert h.pools.idle_count() == 0
+
+
+def test_extra_bytes_after_response_discard_backend(h: Harness) -> None:
+    """Bytes after a complete response are not relayed and that connection is not reused."""
+    client, _ = h.client()
+    data = h.exchange(client, request(), response(200, b"ok") + b"junk")
+    assert data.endswith(b"\r\n\r\nok")
+    assert h.pools.idle_count() == 0
+    assert client.lost is None
+
+
+def test_max_idle_connections_per_backend() -> None:
+    """At most backend_max_idle connections per backend are kept idle."""
+    h = Harness(ProxySettings(backend_max_idle=1))
+    clients = [h.client()[0] for _ in range(3)]
+    for c in clients:
+        c.send(request())
+    h.pump()
+    assert len(h.backends) == 3
+    for b in h.backends:
+        b.send(response())
+    h.pump()
+    assert h.pools.idle_count() == 1
+    assert h.pools.connection_count() == 1
+
+
+def test_pool_close_drops_everything(h: Harness) -> None:
+    """Closing the pools closes every backend connection and stops its sweep."""
+    client, _ = h.client()
+    h.exchange(client, request(), response())
+    h.pools.close()
+    h.pump()
+    assert h.pools.connection_count() == 0
+    client.close()
+    h.pump()
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_early_backend_response_to_small_upload_keeps_connection(h: Harness) -> None:
+    """A backend answering before a small upload ends: the client gets the answer, the
+    rest of its body is read and dropped, and the connection stays usable."""
+    client, _ = h.client()
+    client.send(request(b"POST", body=b"y" * 1000)[:-500])
+    h.pump()
+    h.backends[0].send(response(401, b"no"))
+    h.pump()
+    assert parse_responses(client.take())[0].status == 401
+    client.send(b"y" * 500)
+    h.pump()
+    assert h.pools.idle_count() == 0  # the backend saw only part of the request
+    data = h.exchange(client, request(), response(200, b"next"))
+    assert parse_responses(data)[0].body == b"next"
+
+
+def test_early_backend_response_to_large_upload_closes(h: Harness) -> None:
+    """A backend answering before a large upload ends: the answer says Connection: close."""
+    client, _ = h.client()
+    client.send(request(b"POST", body=b"y" * 1_000_000)[:2000])
+    h.pump()
+    h.backends[0].send(response(413, b"too big"))
+    h.pump()
+    [resp] = parse_responses(client.take())
+    assert resp.status == 413 and resp.header(b"Connection") == b"close"
+    assert client.lost is not None
+
+
+# -------------------------------------------------------------- back-pressure
+
+
+def test_full_backend_buffer_pauses_client_reading() -> None:
+    """While the backend's send buffer is full, the proxy stops reading the client's
+    upload; it resumes when the backend catches up, and every byte arrives."""
+    h = Harness(backend_high_water=10_000, chunk_size=4096)
+    client, proto = h.client()
+    client.send(request(b"POST", b"/", [(b"Expect", b"100-continue")], body=None)[:-2])
+    body = bytes(range(256)) * 1000  # 256 000 bytes
+    client.send(b"Content-Length: %d\r\n\r\n" % len(body))
+    h.pump()
+    assert client.take() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    backend = h.backends[0]
+    backend.t.pauseProducing()  # the backend stops reading
+    client.send(body)
+    h.pump()
+    assert proto.transport.reading_paused  # type: ignore[union-attr]
+    buffered = len(backend.t.other.outgoing)  # type: ignore[union-attr]
+    assert buffered < 10_000 + 2 * 65536
+    backend.t.resumeProducing()
+    h.pump()
+    assert not proto.transport.reading_paused  # type: ignore[union-attr]
+    [seen] = parse_requests(backend.take())
+    assert seen.body == body
+
+
+def test_slow_client_pauses_backend_reading() -> None:
+    """While the client is not reading, the proxy stops reading the backend's response;
+    no deadline fires while paused, and every byte arrives in the end."""
+    h = Harness(client_high_water=10_000, chunk_size=4096)
+    client, proto = h.client()
+    client.send(request())
+    h.pump()
+    backend = h.backends[0]
+    client.transport.pauseProducing()  # type: ignore[union-attr]
+    body = bytes(range(256)) * 1000
+    backend.send(response(200, body))
+    h.pump()
+    proxy_side = backend.t.other
+    assert proxy_side is not None and proxy_side.reading_paused
+    assert len(proto.transport.outgoing) < 10_000 + 2 * 4096  # type: ignore[union-attr]
+    h.advance(50)  # less than client_send_timeout: nothing gives up
+    client.transport.resumeProducing()  # type: ignore[union-attr]
+    h.pump()
+    assert parse_responses(client.take())[0].body == body
+    assert h.pools.idle_count() == 1
+
+
+def test_client_not_reading_is_dropped_after_send_timeout() -> None:
+    """A client that stops reading for client_send_timeout is disconnected and its
+    backend connection dropped."""
+    h = Harness(client_high_water=1000, chunk_size=4096)
+    client, proto = h.client()
+    client.send(request())
+    h.pump()
+    client.transport.pauseProducing()  # type: ignore[union-attr]
+    h.backends[0].send(response(200, b"z" * 100_000))
+    h.pump()
+    h.advance(61)
+    assert proto.transport.disconnected  # type: ignore[union-attr]
+    assert h.backends[0].lost is not None
+
+
+def test_large_bodies_stream_both_ways_in_small_steps() -> None:
+    """Several MiB go up and down through small buffers without loss or reordering."""
+    h = Harness(backend_high_water=8192, client_high_water=8192, chunk_size=1500)
+    client, _ = h.client()
+    up = bytes(range(251)) * 12_000  # ~3 MB
+    down = bytes(range(241)) * 13_000
+    client.send(request(b"PUT", b"/big", [(b"Transfer-Encoding", b"chunked")]))
+    for i in range(0, len(up), 50_000):
+        client.send(chunked(up[i : i + 50_000])[:-5])
+    client.send(b"0\r\n\r\n")
+    h.pump()
+    [seen] = parse_requests(h.backends[0].take())
+    assert seen.body == up and seen.complete
+    h.backends[0].send(response(200, down))
+    h.pump()
+    [resp] = parse_responses(client.take())
+    assert resp.body == down
+
+
+# ------------------------------------------------------------------ WebSocket
+
+
+WS_HANDSHAKE = request(
+    headers=[
+        (b"Connection", b"Upgrade"),
+        (b"Upgrade", b"websocket"),
+        (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+        (b"Sec-WebSocket-Version", b"13"),
+    ],
+    target=b"/chat",
+)
+WS_ACCEPT = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+)
+
+
+def test_websocket_upgrade_and_splice(h: Harness) -> None:
+    """A WebSocket handshake reaches the backend with its Upgrade headers; after the
+    101 bytes flow both ways unchanged, and a close on one side closes the other."""
+    client, _ = h.client()
+    client.send(WS_HANDSHAKE)
+    h.pump()
+    backend = h.backends[0]
+    [seen] = parse_requests(backend.take())
+    assert seen.header(b"Upgrade") == b"websocket"
+    assert seen.header(b"Connection") == b"Upgrade"
+    assert seen.header(b"Sec-WebSocket-Key") == b"dGhlIHNhbXBsZSBub25jZQ=="
+    backend.send(WS_ACCEPT + b"\x81\x05hello")
+    h.pump()
+    data = client.take()
+    [resp] = parse_responses(data)
+    assert resp.status == 101
+    assert resp.header(b"Upgrade") == b"websocket"
+    assert resp.header(b"Sec-WebSocket-Accept") == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    assert data.endswith(b"\r\n\r\n\x81\x05hello")
+    client.send(b"\x81\x85maskdHTTP/1.1 not http")
+    h.pump()
+    assert backend.take() == b"\x81\x85maskdHTTP/1.1 not http"
+    backend.send(b"\x88\x00")
+    backend.close()
+    h.pump()
+    assert client.take() == b"\x88\x00"
+    assert client.lost is not None
+
+
+def test_websocket_client_close_closes_backend(h: Harness) -> None:
+    """When the WebSocket client hangs up, the backend connection is closed too."""
+    client, _ = h.client()
+    client.send(WS_HANDSHAKE)
+    h.pump()
+    h.backends[0].send(WS_ACCEPT)
+    h.pump()
+    client.send(b"\x88\x80mask")
+    client.close()
+    h.pump()
+    assert h.backends[0].take().endswith(b"\r\n\r\n\x88\x80mask")
+    assert h.backends[0].lost is not None
+    assert h.pools.connection_count() == 0
+
+
+def test_websocket_early_data_waits_for_101(h: Harness) -> None:
+    """Bytes a client sends right after its handshake are held until the backend accepts."""
+    client, _ = h.client()
+    client.send(WS_HANDSHAKE + b"\x81\x80early")
+    h.pump()
+    backend = h.backends[0]
+    assert backend.take().endswith(b"\r\n\r\n")
+    backend.send(WS_ACCEPT)
+    h.pump()
+    assert backend.take() == b"\x81\x80early"
+
+
+def test_websocket_refused_by_backend(h: Harness) -> None:
+    """A backend refusing the upgrade: its answer reaches the client, then the connection closes."""
+    client, _ = h.client()
+    data = h.exchange(client, WS_HANDSHAKE, response(403, b"no"))
+    [resp] = parse_responses(data)
+    assert resp.status == 403 and resp.header(b"Connection") == b"close"
+    assert client.lost is not None
+
+
+def test_websocket_backpressure(h: Harness) -> None:
+    """Spliced WebSocket traffic honours back-pressure: a full backend buffer pauses the client."""
+    h = Harness(backend_high_water=1000, chunk_size=512)
+    client, proto = h.client()
+    client.send(WS_HANDSHAKE)
+    h.pump()
+    backend = h.backends[0]
+    backend.send(WS_ACCEPT)
+    h.pump()
+    backend.t.pauseProducing()
+    client.send(b"m" * 20_000)
+    h.pump()
+    assert proto.transport.reading_paused  # type: ignore[union-attr]
+    backend.t.resumeProducing()
+    h.pump()
+    assert backend.received.endswith(b"m" * 20_000)
+
+
+def test_other_upgrades_are_ignored(h: Harness) -> None:
+    """A non-WebSocket upgrade (h2c) is served as an ordinary request without Upgrade."""
+    client, _ = h.client()
+    req = request(headers=[(b"Connection", b"Upgrade, HTTP2-Settings"), (b"Upgrade", b"h2c")])
+    client.send(req + request(target=b"/second"))
+    h.pump()
+    [seen] = parse_requests(h.backends[0].take())
+    assert b"upgrade" not in seen.names() and b"connection" not in seen.names()
+    h.backends[0].send(response())
+    h.pump()
+    assert [m.target for m in parse_requests(h.backends[0].take())] == [b"/second"]
+
+
+def test_unexpected_101_is_502(h: Harness) -> None:
+    """A backend switching protocols on an ordinary request gets the client a 502."""
+    client, _ = h.client()
+    data = h.exchange(client, request(), WS_ACCEPT)
+    assert parse_responses(data)[0].status == 502
+
+
+# ---------------------------------------------------------- factory plumbing
+
+
+def test_factory_sweep_runs_only_with_connections(h: Harness) -> None:
+    """No timer is left behind once every connection is gone."""
+    client, _ = h.client()
+    h.exchange(client, request(), response())
+    assert h.reactor.getDelayedCalls()
+    client.close()
+    h.pump()
+    h.advance(10)
+    assert h.reactor.getDelayedCalls() == []
+    assert h.factory.connection_count() == 0
+
+
+def test_backend_instances_are_independent(h: Harness) -> None:
+    """Sanity: the harness gives each backend connection its own fake server."""
+    assert FakeBackend is not None

@@ -1,0 +1,109 @@
+"""The built-in demo: a self-signed certificate and a small page to put behind the proxy.
+
+``twistd -n tlsproxy --demo`` uses this so that a new user sees tlsproxy work
+at once (``curl -k https://localhost:8443/``) without writing a config or
+obtaining a certificate.  It is a real configuration going through the same
+checks and code paths as any other; only the certificate is self-signed.
+
+Must not be used for anything but the demo: the certificate is trusted by nobody.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+DEMO_HOST = "localhost"
+
+_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>tlsproxy demo</title></head>
+<body><h1>tlsproxy is working</h1>
+<p>This page comes from a demo backend on plain HTTP; tlsproxy terminated TLS in front of it.</p>
+<p>Write a proxy.yaml (see <code>config/example.yaml</code>) and run
+<code>twistd -n tlsproxy --config proxy.yaml</code> to put your own site here.</p>
+</body></html>
+"""
+
+
+def write_self_signed(directory: str, name: str = DEMO_HOST, days: int = 30) -> str:
+    """Write an ECDSA P-256 key and self-signed certificate for ``name`` into one PEM.
+
+    The certificate also covers 127.0.0.1 and ::1.  The file is created with
+    mode 0600 in ``directory`` (created 0700 if missing).
+
+    :return: the path of the PEM file (key followed by certificate).
+    :raises OSError: if the directory or file cannot be written.
+    """
+    import ipaddress
+
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    sans: list[x509.GeneralName] = [
+        x509.DNSName(name),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    path = os.path.join(directory, f"{name}-selfsigned.pem")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+class _DemoPage(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        return _PAGE.encode("utf-8")
+
+    render_HEAD = render_GET
+
+
+def demo_site() -> Site:
+    """The demo backend: one page on every path, over plain HTTP."""
+    return Site(_DemoPage())
+
+
+def demo_document(https_endpoint: str, certificate: str, backend_port: int) -> dict[str, Any]:
+    """The demo's configuration, as a YAML document would decode to."""
+    return {
+        "listen": {"https": [https_endpoint]},
+        "tls": {"profile": "intermediate"},
+        "default_host": DEMO_HOST,
+        "hosts": {
+            DEMO_HOST: {
+                "certificates": [certificate],
+                "backend": f"http://127.0.0.1:{backend_port}",
+            }
+        },
+    }
