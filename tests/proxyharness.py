@@ -15,6 +15,7 @@ moves with ``harness.advance``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,6 @@ from tlsproxy.config import Backend
 from tlsproxy.proxy import ProxyFactory, ProxyProtocol, ProxySettings
 from tlsproxy.routing import Route
 from tlsproxy.upstream import UpstreamPools
-import contextlib
 
 BACKEND = Backend(scheme="http", host="10.0.0.2", port=8080)
 OTHER_BACKEND = Backend(scheme="http", host="10.0.0.3", port=8081)

@@ -40,7 +40,18 @@ def test_end_to_end_headers_pass_in_order_with_their_case() -> None:
 
 def test_hop_by_hop_headers_never_cross() -> None:
     """Connection, Keep-Alive, TE, Trailer, Upgrade, Proxy-* do not reach the backend."""
-    headers = [*HOST, (b"Connection", b"keep-alive, X-Secret"), (b"Keep-Alive", b"timeout=5"), (b"TE", b"trailers"), (b"Trailer", b"X-T"), (b"Upgrade", b"h2c"), (b"Proxy-Connection", b"keep-alive"), (b"Proxy-Authorization", b"Basic Zm9vOmJhcg=="), (b"X-Secret", b"named by Connection"), (b"Accept", b"*/*")]
+    headers = [
+        *HOST,
+        (b"Connection", b"keep-alive, X-Secret"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"TE", b"trailers"),
+        (b"Trailer", b"X-T"),
+        (b"Upgrade", b"h2c"),
+        (b"Proxy-Connection", b"keep-alive"),
+        (b"Proxy-Authorization", b"Basic Zm9vOmJhcg=="),
+        (b"X-Secret", b"named by Connection"),
+        (b"Accept", b"*/*"),
+    ]
     scan = scan_request_headers(headers)
     assert scan.problem is None
     assert names(scan.forward) == [b"host", b"accept"]

@@ -1012,3 +1012,59 @@ def test_factory_sweep_runs_only_with_connections(h: Harness) -> None:
 def test_backend_instances_are_independent(h: Harness) -> None:
     """Sanity: the harness gives each backend connection its own fake server."""
     assert FakeBackend is not None
+
+
+def test_broken_body_after_early_answer_just_closes(h: Harness) -> None:
+    """A malformed body arriving after the request was already answered closes the
+    connection without a second response."""
+    client, _ = h.client()
+    client.send(b"POST / HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\n\r\n")
+    h.pump()
+    h.backends[0].send(response(403, b"no"))
+    h.pump()
+    [resp] = parse_responses(client.take())
+    assert resp.status == 403 and resp.header(b"Connection") == b"close"
+    client.send(b"zz\r\n")
+    h.pump()
+    assert client.take() == b""
+    assert client.lost is not None
+
+
+def test_connection_parked_after_cancelled_connect_is_retried(h: Harness) -> None:
+    """A connection made for a borrower that stopped waiting is parked idle; if the
+    backend has closed it by the time it is used, the request is retried."""
+    waiter = object()
+    h.pools.connect(BACKEND, waiter)  # type: ignore[arg-type]
+    h.pools.cancel(waiter)  # type: ignore[arg-type]
+    h.pump()
+    assert h.pools.idle_count() == 1
+    client, _ = h.client()
+    client.send(request(target=b"/retry"))
+    h.pump()
+    h.backends[0].close()
+    h.pump()
+    assert len(h.backends) == 2
+    assert [m.target for m in parse_requests(h.backends[1].take())] == [b"/retry"]
+
+
+def test_client_leaving_while_connecting_drops_the_new_connection(h: Harness) -> None:
+    """A client that hangs up while its backend connection is being made: the proxy
+    notices once it reads again and drops that backend connection."""
+    client, _ = h.client()
+    client.send(request())
+    client.close()
+    h.pump()
+    assert h.pools.connection_count() == 0
+    assert h.backends[0].lost is not None
+
+
+def test_router_swap_applies_to_open_connections(h: Harness) -> None:
+    """Replacing factory.router (a reload) takes effect on the next request of an
+    already open keep-alive connection."""
+    client, _ = h.client()
+    h.exchange(client, request(), response(200, b"old"))
+    h.factory.router = lambda sni, host: Route(site="moved", backend=OTHER_BACKEND)
+    client.send(request())
+    h.pump()
+    assert len(h.backends) == 2
+    assert h.backends[1].t.host.port == OTHER_BACKEND.port

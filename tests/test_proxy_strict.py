@@ -485,3 +485,71 @@ def test_settings_validation() -> None:
     with pytest.raises(ValueError, match="keepalive_timeout"):
         ProxySettings(keepalive_timeout=-1)
     assert ProxySettings(max_body_bytes=None).max_body_bytes is None
+
+
+def test_endless_trailer_field_is_cut_off(h: Harness) -> None:
+    """A trailer field that never ends is cut off (431) instead of being buffered."""
+    client, _ = h.client()
+    client.send(b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n")
+    client.send(b"X-Trailer: ")
+    for _ in range(40):
+        client.send(b"t" * 1000)
+        h.pump()
+        if client.lost:
+            break
+    assert client.lost is not None
+    assert parse_responses(client.take())[0].status == 431
+
+
+def test_endless_chunk_extension_is_cut_off(h: Harness) -> None:
+    """A chunk extension that never ends is cut off instead of being read forever."""
+    client, _ = h.client()
+    client.send(b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5;ext=")
+    for _ in range(40):
+        client.send(b"e" * 1000)
+        h.pump()
+        if client.lost:
+            break
+    assert client.lost is not None
+
+
+def test_many_small_chunks_are_fine(h: Harness) -> None:
+    """Tiny chunks (lots of framing per byte of data) are not mistaken for abuse."""
+    client, _ = h.client()
+    client.send(b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n")
+    for _ in range(50):
+        client.send(b"1;e=x\r\na\r\n" * 100)
+        h.pump()
+    client.send(b"0\r\n\r\n")
+    h.pump()
+    assert client.lost is None
+    [seen] = parse_requests(h.backends[0].take())
+    assert seen.body == b"a" * 5000 and seen.complete
+
+
+def test_backend_endless_head_is_502(h: Harness) -> None:
+    """A backend response head that never ends gets the client a 502."""
+    client, _ = h.client()
+    client.send(request())
+    h.pump()
+    backend = h.backends[0]
+    backend.send(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+    for _ in range(80):
+        backend.send(b"v" * 1000)
+        h.pump()
+    assert parse_responses(client.take())[0].status == 502
+    assert backend.lost is not None
+
+
+def test_backend_endless_trailer_closes_client(h: Harness) -> None:
+    """A backend trailer that never ends cuts the response short and closes the client."""
+    client, _ = h.client()
+    client.send(request())
+    h.pump()
+    backend = h.backends[0]
+    backend.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: ")
+    for _ in range(80):
+        backend.send(b"v" * 1000)
+        h.pump()
+    assert client.lost is not None
+    assert b"0\r\n\r\n" not in client.take()

@@ -75,7 +75,7 @@ CLIENT_FORWARDING: frozenset[bytes] = frozenset(
 )
 
 # What the single pass over request headers does with each name.
-_DROP, _HOST, _CONNECTION, _LENGTH, _TE, _EXPECT, _UPGRADE = range(7)
+_FORWARD, _DROP, _HOST, _CONNECTION, _LENGTH, _TE, _EXPECT, _UPGRADE = range(8)
 _REQUEST_KINDS: dict[bytes, int] = dict.fromkeys(HOP_BY_HOP | CLIENT_FORWARDING, _DROP)
 _REQUEST_KINDS.update(
     {
@@ -96,6 +96,31 @@ _RESPONSE_KINDS.update(
         b"upgrade": _UPGRADE,
     }
 )
+
+# Classification by the exact name bytes as received, so that the usual names
+# cost one dict lookup (no lower-casing).  Bounded: names beyond the limit are
+# classified each time.
+_CACHE_LIMIT = 2048
+_request_cache: dict[bytes, int] = {}
+_response_cache: dict[bytes, int] = {}
+
+
+def _request_kind(name: bytes) -> int:
+    lname = name.lower()
+    kind = _REQUEST_KINDS.get(lname)
+    if kind is None:
+        kind = _DROP if b"_" in lname or lname.startswith(b"x-forwarded-") else _FORWARD
+    if len(_request_cache) < _CACHE_LIMIT:
+        _request_cache[name] = kind
+    return kind
+
+
+def _response_kind(name: bytes) -> int:
+    kind = _RESPONSE_KINDS.get(name.lower(), _FORWARD)
+    if len(_response_cache) < _CACHE_LIMIT:
+        _response_cache[name] = kind
+    return kind
+
 
 # reg-name (letters, digits, '.', '-', '_') or a bracketed IPv6 literal, then an optional port.
 _HOST_RE = re.compile(rb"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
@@ -118,6 +143,8 @@ class RequestHeaders(NamedTuple):
     expect_continue: bool
     upgrade: bytes | None
     connection_upgrade: bool
+    #: bytes of the fields as on the wire (name, value and 4 bytes of framing each)
+    size: int
 
 
 class ResponseHeaders(NamedTuple):
@@ -134,6 +161,8 @@ class ResponseHeaders(NamedTuple):
     chunked: bool
     upgrade: bytes | None
     close: bool
+    #: bytes of the fields as on the wire (name, value and 4 bytes of framing each)
+    size: int
 
 
 def connection_tokens(value: bytes) -> list[bytes]:
@@ -168,7 +197,7 @@ def scan_request_headers(headers: Headers) -> RequestHeaders:
     """
     forward: Headers = []
     append = forward.append
-    kinds = _REQUEST_KINDS
+    cached = _request_cache.get
     host: bytes | None = None
     hosts = 0
     length: bytes | None = None
@@ -176,12 +205,14 @@ def scan_request_headers(headers: Headers) -> RequestHeaders:
     expect: bytes | None = None
     upgrade: bytes | None = None
     named: list[bytes] | None = None
+    size = 4 * len(headers)
     for header in headers:
-        lname = header[0].lower()
-        kind = kinds.get(lname)
+        name = header[0]
+        size += len(name) + len(header[1])
+        kind = cached(name)
         if kind is None:
-            if b"_" in lname or lname.startswith(b"x-forwarded-"):
-                continue
+            kind = _request_kind(name)
+        if kind == _FORWARD:
             append(header)
         elif kind == _HOST:
             hosts += 1
@@ -232,7 +263,7 @@ def scan_request_headers(headers: Headers) -> RequestHeaders:
     if named:
         connection_upgrade = b"upgrade" in named
         # Names the proxy handles itself (Host included) are never removed this way.
-        extra = {t for t in named if t not in kinds and t != b"close"}
+        extra = {t for t in named if t not in _REQUEST_KINDS and t != b"close"}
         if extra:
             forward = [h for h in forward if h[0].lower() not in extra]
     return RequestHeaders(
@@ -244,6 +275,7 @@ def scan_request_headers(headers: Headers) -> RequestHeaders:
         expect_continue,
         upgrade,
         connection_upgrade,
+        size,
     )
 
 
@@ -255,15 +287,19 @@ def scan_response_headers(headers: Headers) -> ResponseHeaders:
     """
     forward: Headers = []
     append = forward.append
-    kinds = _RESPONSE_KINDS
+    cached = _response_cache.get
     length: bytes | None = None
     te: list[bytes] | None = None
     upgrade: bytes | None = None
     named: list[bytes] | None = None
+    size = 4 * len(headers)
     for header in headers:
-        lname = header[0].lower()
-        kind = kinds.get(lname)
+        name = header[0]
+        size += len(name) + len(header[1])
+        kind = cached(name)
         if kind is None:
+            kind = _response_kind(name)
+        if kind == _FORWARD:
             append(header)
         elif kind == _LENGTH:
             length = header[1]
@@ -278,6 +314,7 @@ def scan_response_headers(headers: Headers) -> ResponseHeaders:
             te.append(header[1])
         elif kind == _UPGRADE:
             upgrade = header[1]
+        # _DROP: nothing to do.
     problem: str | None = None
     chunked = False
     if te is not None:
@@ -295,10 +332,10 @@ def scan_response_headers(headers: Headers) -> ResponseHeaders:
     close = False
     if named:
         close = b"close" in named
-        extra = {t for t in named if t not in kinds and t != b"close"}
+        extra = {t for t in named if t not in _RESPONSE_KINDS and t != b"close"}
         if extra:
             forward = [h for h in forward if h[0].lower() not in extra]
-    return ResponseHeaders(forward, problem, content_length, chunked, upgrade, close)
+    return ResponseHeaders(forward, problem, content_length, chunked, upgrade, close, size)
 
 
 def is_websocket_upgrade(method: bytes, upgrade: bytes | None, connection_upgrade: bool) -> bool:
@@ -392,6 +429,11 @@ class ForwardingContext:
         self._last_block = serialize(result)
 
 
+_colon_join = b": ".join
+
+
 def serialize(headers: Headers) -> bytes:
     """Header lines (``Name: value\\r\\n`` each) for a message head."""
-    return b"".join([b"%s: %s\r\n" % h for h in headers])
+    if not headers:
+        return b""
+    return b"\r\n".join(map(_colon_join, headers)) + b"\r\n"

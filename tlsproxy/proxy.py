@@ -55,6 +55,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tlsproxy import forwarding
+from tlsproxy.headers import HeaderPolicy
 from tlsproxy.upstream import (
     INFINITY,
     BackendConnection,
@@ -144,6 +145,10 @@ class RouteLike(Protocol):
     def backend(self) -> BackendLike:
         """Where the site's requests go."""
 
+    @property
+    def headers(self) -> HeaderPolicy:
+        """Headers set on (and first removed from) every response of the site."""
+
 
 #: ``router(sni, host)``: the route for a request, or None (answered 421).
 #: ``sni`` is the TLS server name (None without TLS or SNI); ``host`` is the
@@ -179,6 +184,10 @@ _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE
 #: keeping the connection; more than this, or chunked, closes instead.
 _DRAIN_LIMIT = 64 * KIB
 
+#: Bytes of chunk framing, extensions and trailers tolerated, beyond the header
+#: limit, between two pieces of body data.
+_FRAMING_SLACK = 4 * KIB
+
 #: Most bytes a client may send after a WebSocket handshake before the backend accepts it.
 _EARLY_LIMIT = 64 * KIB
 
@@ -208,19 +217,26 @@ _PHRASES = {
 
 
 @functools.cache
-def _error_bytes(status: int, close: bool, head_only: bool) -> bytes:
-    """A complete small plain-text response for a locally generated status."""
+def _error_bytes(status: int, close: bool, head_only: bool, extra: bytes = b"") -> bytes:
+    """A complete small plain-text response for a locally generated status.
+
+    ``extra`` is header lines (each ending in CRLF) added to the head, such as
+    the site's HSTS header.
+    """
     phrase = _PHRASES.get(status, "Error")
     body = f"{status} {phrase}\n".encode("ascii")
     head = (
-        f"HTTP/1.1 {status} {phrase}\r\n"
-        "Content-Type: text/plain; charset=utf-8\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Cache-Control: no-store\r\n"
-        + ("Connection: close\r\n" if close else "")
-        + ("Allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n" if status == 405 else "")
-        + "\r\n"
-    ).encode("ascii")
+        (
+            f"HTTP/1.1 {status} {phrase}\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Cache-Control: no-store\r\n"
+            + ("Connection: close\r\n" if close else "")
+            + ("Allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n" if status == 405 else "")
+        ).encode("ascii")
+        + extra
+        + b"\r\n"
+    )
     return head if head_only else head + body
 
 
@@ -249,13 +265,13 @@ class _Request:
         "expect_continue",
         "forward",
         "head_done",
-        "header_bytes",
         "headers",
         "host",
         "http11",
         "keep_alive",
         "length",
         "method",
+        "raw_idle",
         "retried",
         "route",
         "target",
@@ -268,7 +284,6 @@ class _Request:
         self.target = b""
         self.http11 = True
         self.headers: forwarding.Headers = []
-        self.header_bytes = 0
         self.head_done = False
         self.complete = False
         self.keep_alive = False
@@ -284,6 +299,8 @@ class _Request:
         #: body chunks parsed before the request was started (pipelining)
         self.body: list[bytes] | None = None
         self.body_bytes = 0
+        #: bytes read since the last body data (chunked requests)
+        self.raw_idle = 0
         #: bytes the client sent after a WebSocket handshake, before the 101
         self.early: list[bytes] | None = None
         self.error: tuple[int, str] | None = None
@@ -346,7 +363,6 @@ class ProxyProtocol(TwistedProtocol):
         self._settings = s = factory.settings
         self._clock = factory.clock
         self._pool = factory.pools
-        self._router = factory.router
         self._max_line = s.max_request_line
         self._max_header_bytes = s.max_header_bytes
         self._max_header_count = s.max_header_count
@@ -358,6 +374,10 @@ class ProxyProtocol(TwistedProtocol):
         self._fwd: forwarding.ForwardingContext | None = None
         self._client = "-"
         self._sni: Any = _UNSET
+        # the last routing decision on this connection (keep-alive reuses it)
+        self._route_host: bytes | None = None
+        self._route_router: Router | None = None
+        self._route: RouteLike | None = None
 
         self._paused = 0
         #: when reading from the client times out (reactor seconds)
@@ -371,6 +391,9 @@ class ProxyProtocol(TwistedProtocol):
         self._current: _Request | None = None  # request being served
         self._pipeline: collections.deque[_Request] = collections.deque()
         self._head_raw = 0
+        self._headers: forwarding.Headers = []  # where on_header appends
+        self._trailers: forwarding.Headers = []  # the sink for trailer fields
+        self._body_seen = False  # on_body ran during this read
         self._stopped = False  # no more requests will be parsed
         self._closing = False
         self._in_next = False
@@ -385,7 +408,11 @@ class ProxyProtocol(TwistedProtocol):
 
         self._rstate = _R_IDLE
         self._rheaders: forwarding.Headers = []
-        self._rheader_bytes = 0
+        self._rtrailers: forwarding.Headers = []
+        self._rhead_raw = 0
+        self._rchunked = False
+        self._rbody_seen = False
+        self._rraw_idle = 0
         self._rreason = b""
         self._rframe = _F_NONE
         self._r_until_close = False
@@ -429,25 +456,23 @@ class ProxyProtocol(TwistedProtocol):
         r = self._parsing
         head_in_progress = r is not None and not r.head_done
         self._in_read = True
-        while True:
-            try:
-                self._parser.feed_data(data)
-            except HttpParserUpgrade as exc:
-                data = self._client_upgrade(data, int(exc.args[0]))
-                if data:
-                    continue
-            except HttpParserError as exc:
-                self._parse_failed(exc, data)
-            else:
-                r = self._parsing
-                if head_in_progress and r is not None and not r.head_done:
-                    # Everything in this read belonged to a head llhttp is still
-                    # buffering inside one field: bound it.
-                    self._head_raw += len(data)
-                    if self._head_raw > self._max_line + self._max_header_bytes:
-                        self._reject_parsing(431, "request head too large")
-            break
-        self._in_read = False
+        try:
+            while True:
+                try:
+                    self._parser.feed_data(data)
+                except HttpParserUpgrade as exc:
+                    data = self._client_upgrade(data, int(exc.args[0]))
+                    if data:
+                        continue
+                except HttpParserError as exc:
+                    self._parse_failed(exc, data)
+                else:
+                    r = self._parsing
+                    if r is not None:
+                        self._bound_unparsed(r, head_in_progress, len(data))
+                break
+        finally:
+            self._in_read = False
         bout = self._bout
         if bout and self._backend is not None:
             self._bout = []
@@ -459,6 +484,28 @@ class ProxyProtocol(TwistedProtocol):
             and current is not self._parsing
         ):
             self._pause(_PAUSE_PIPELINE)
+
+    def _bound_unparsed(self, r: _Request, head_in_progress: bool, size: int) -> None:
+        """Bound what llhttp may be buffering inside one unfinished field.
+
+        httptools hands a header (or trailer) field over only once it ends, so
+        an endless one is caught by counting the bytes read around it.
+        """
+        if not r.head_done:
+            if head_in_progress:
+                # All of this read belongs to the head begun in an earlier one.
+                self._head_raw += size
+                if self._head_raw > self._max_line + self._max_header_bytes:
+                    self._reject_parsing(431, "request head too large")
+        elif r.chunked:
+            if self._body_seen:
+                self._body_seen = False
+                r.raw_idle = 0
+            else:
+                # Reads with no body data: chunk framing, extensions, trailers.
+                r.raw_idle += size
+                if r.raw_idle > self._max_header_bytes + _FRAMING_SLACK:
+                    self._reject_parsing(431, "chunk framing or trailers too large")
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
@@ -514,6 +561,7 @@ class ProxyProtocol(TwistedProtocol):
         """Parser callback: a new request starts."""
         r = _Request()
         self._parsing = r
+        self._headers = r.headers
         self._head_raw = 0
         if self._current is None:
             self._deadline = self._clock.seconds() + self._settings.client_header_timeout
@@ -527,18 +575,15 @@ class ProxyProtocol(TwistedProtocol):
             raise _Reject(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """Parser callback: one header field (or trailer field) complete."""
-        r = self._parsing
-        assert r is not None
-        r.header_bytes += len(name) + len(value) + 4
-        if r.header_bytes > self._max_header_bytes:
-            raise _Reject(431, "request header fields too large")
-        if r.head_done:
-            return  # a trailer field: counted, then dropped
-        headers = r.headers
+        """Parser callback: one header field (or trailer field) complete.
+
+        Sizes are checked once the head is complete; until then memory is
+        bounded by the field count here and by :meth:`_bound_unparsed`.
+        """
+        headers = self._headers
         headers.append((name, value))
         if len(headers) > self._max_header_count:
-            raise _Reject(431, "too many request header fields")
+            raise _Reject(431, "too many header fields")
 
     def on_headers_complete(self) -> None:
         """Parser callback: the request head is complete; validate and start or queue it."""
@@ -557,6 +602,8 @@ class ProxyProtocol(TwistedProtocol):
             raise _Reject(405, "CONNECT is not supported")
         r.keep_alive = parser.should_keep_alive()
         scan = forwarding.scan_request_headers(r.headers)
+        if scan.size > self._max_header_bytes:
+            raise _Reject(431, "request header fields too large")
         if scan.problem is not None:
             raise _Reject(*scan.problem)
         r.host = host = cast(bytes, scan.host)
@@ -579,6 +626,7 @@ class ProxyProtocol(TwistedProtocol):
         r.expect_continue = scan.expect_continue and r.http11
         r.forward = scan.forward
         r.headers = []
+        self._headers = self._trailers
         r.head_done = True  # accepted: started or queued below
         if self._current is None:
             self._start(r)
@@ -589,6 +637,7 @@ class ProxyProtocol(TwistedProtocol):
         """Parser callback: a piece of request body (de-chunked)."""
         r = self._parsing
         assert r is not None
+        self._body_seen = True
         r.body_bytes += len(data)
         if r.chunked and self._max_body is not None and r.body_bytes > self._max_body:
             raise _Reject(413, "request body too large")
@@ -609,6 +658,13 @@ class ProxyProtocol(TwistedProtocol):
         """Parser callback: the request (body included) is complete."""
         r = self._parsing
         assert r is not None
+        trailers = self._trailers
+        if trailers:
+            # Trailer fields are dropped, but count towards the header limits.
+            size = sum(len(n) + len(v) + 4 for n, v in trailers)
+            trailers.clear()
+            if size > self._max_header_bytes:
+                raise _Reject(431, "trailer fields too large")
         r.complete = True
         self._parsing = None
         self._last = r
@@ -637,11 +693,18 @@ class ProxyProtocol(TwistedProtocol):
         self._rany = False
         self._rextra = False
         self._rinterim = False
+        self._rheaders = []
+        self._rhead_raw = 0
         self._close_after = False
         if r.error is not None:
             self._local_response(r.error[0], r.error[1], close=True)
             return
-        route = self._router(self._server_name(), forwarding.split_host(r.host))
+        router = self._factory.router  # read each time: a reload may swap it
+        if r.host == self._route_host and router is self._route_router:
+            route: RouteLike | None = self._route
+        else:
+            route = router(self._server_name(), forwarding.split_host(r.host))
+            self._route_host, self._route_router, self._route = r.host, router, route
         if route is None:
             log.info(
                 "{client}: no site for host {host!r} (SNI {sni!r}): 421",
@@ -685,16 +748,19 @@ class ProxyProtocol(TwistedProtocol):
             self._connecting = True
             self._pause(_PAUSE_CONNECT)
         else:
-            self._attach(conn)
+            self._attach(conn, pooled=True)
 
-    def _attach(self, conn: BackendConnection) -> None:
-        """Start using a backend connection for the current request."""
+    def _attach(self, conn: BackendConnection, *, pooled: bool) -> None:
+        """Start using a backend connection for the current request.
+
+        ``pooled``: it was idle in the pool, so the backend may be closing it.
+        """
         r = self._current
         assert r is not None
         self._connecting = False
         self._backend = conn
         conn.owner = self
-        self._backend_reused = conn.exchanges > 0
+        self._backend_reused = pooled
         self._raw_head = bytearray() if r.method == b"HEAD" else None
         if self._client_write_blocked:
             conn.pause_reading()
@@ -770,7 +836,9 @@ class ProxyProtocol(TwistedProtocol):
                 "{client}: {status} {reason}", client=self._client, status=status, reason=reason
             )
         self._cout = []
-        self._t.write(_error_bytes(status, close, head_only))
+        route = r.route if r is not None else None
+        policy = route.headers if route is not None else self._factory.unrouted_headers
+        self._t.write(_error_bytes(status, close, head_only, policy.set_bytes))
         self._finish_exchange(close)
 
     def _close(self) -> None:
@@ -825,8 +893,11 @@ class ProxyProtocol(TwistedProtocol):
             r = _Request()
         r.error = (status, reason)
         if r is self._current:
-            # The body of the request being forwarded is broken.
-            self._fail_exchange(status, reason, client_fault=True)
+            if r.answered:
+                self._close()  # already answered; its dropped body is broken
+            else:
+                # The body of the request being forwarded is broken.
+                self._fail_exchange(status, reason, client_fault=True)
         elif not r.head_done:
             if self._current is None:
                 self._start(r)
@@ -865,7 +936,7 @@ class ProxyProtocol(TwistedProtocol):
 
     def backend_connected(self, conn: BackendConnection) -> None:
         """The pool made the connection we asked for."""
-        self._attach(conn)
+        self._attach(conn, pooled=False)
 
     def backend_connect_failed(self, reason: Failure) -> None:
         """The pool could not connect: 504 on timeout, 502 otherwise."""
@@ -919,18 +990,33 @@ class ProxyProtocol(TwistedProtocol):
         if cout:
             self._cout = []
             self._t.writeSequence(cout)
-        if self._rstate == _R_DONE:
+        state = self._rstate
+        if state == _R_DONE:
             self._response_done()
-        else:
-            backend = self._backend
-            current = self._current
-            if (
-                backend is not None
-                and current is not None
-                and current.complete
-                and not self._client_write_blocked
-            ):
-                backend.deadline = self._clock.seconds() + self._settings.backend_read_timeout
+            return
+        if state == _R_HEAD:
+            self._rhead_raw += len(data)
+            if self._rhead_raw > self._settings.max_response_header_bytes + _FRAMING_SLACK:
+                self._fail_exchange(502, "response head too large")
+                return
+        elif self._rchunked:
+            if self._rbody_seen:
+                self._rbody_seen = False
+                self._rraw_idle = 0
+            else:
+                self._rraw_idle += len(data)
+                if self._rraw_idle > self._settings.max_response_header_bytes + _FRAMING_SLACK:
+                    self._fail_exchange(502, "chunk framing or trailers too large")
+                    return
+        backend = self._backend
+        current = self._current
+        if (
+            backend is not None
+            and current is not None
+            and current.complete
+            and not self._client_write_blocked
+        ):
+            backend.deadline = self._clock.seconds() + self._settings.backend_read_timeout
 
     def backend_lost(self, reason: Failure) -> None:
         """The backend closed the connection we were using."""
@@ -1041,27 +1127,25 @@ class ProxyProtocol(TwistedProtocol):
         if self._rstate == _R_DONE:
             self._rextra = True
             raise _Reject(502, "data after the response")
-        self._rheaders = []
-        self._rheader_bytes = 0
         self._rreason = b""
 
     def _r_status(self, reason: bytes) -> None:
         self._rreason += reason
 
     def _r_header(self, name: bytes, value: bytes) -> None:
-        self._rheader_bytes += len(name) + len(value) + 4
-        if self._rheader_bytes > self._settings.max_response_header_bytes:
-            raise _Reject(502, "response head too large")
-        if self._rstate == _R_HEAD:
-            self._rheaders.append((name, value))
-        # trailers: dropped
+        # Size limits: checked at the end of the head, and by backend_data's backstops.
+        self._rheaders.append((name, value))
 
     def _r_headers_complete(self) -> None:
         parser = self._rparser
         status = parser.get_status_code()
         r = self._current
         assert r is not None
-        scan = forwarding.scan_response_headers(self._rheaders)
+        headers = self._rheaders
+        self._rheaders = []
+        scan = forwarding.scan_response_headers(headers)
+        if scan.size > self._settings.max_response_header_bytes:
+            raise _Reject(502, "response head too large")
         if status < 200:
             if status == 101:
                 if not r.websocket:
@@ -1095,11 +1179,15 @@ class ProxyProtocol(TwistedProtocol):
         )
         self._close_after = not keep
         self._rclose_token = scan.close
+        headers = scan.forward
+        policy = r.route.headers if r.route is not None else None
+        if policy is not None and policy.remove:
+            headers = policy.apply(headers)
         parts = [
             b"HTTP/1.1 %d " % status,
             self._rreason,
             b"\r\n",
-            forwarding.serialize(scan.forward),
+            forwarding.serialize(headers),
         ]
         if frame == _F_CHUNKED:
             parts.append(b"Transfer-Encoding: chunked\r\n")
@@ -1112,8 +1200,12 @@ class ProxyProtocol(TwistedProtocol):
         self._cout.append(b"".join(parts))
         self._rframe = frame
         self._rstate = _R_BODY
+        self._rheaders = self._rtrailers  # trailer fields land here and are dropped
+        self._rchunked = scan.chunked
+        self._rraw_idle = 0
 
     def _r_body(self, data: bytes) -> None:
+        self._rbody_seen = True
         if self._rstate != _R_BODY:
             return
         if self._rframe == _F_CHUNKED:
@@ -1128,6 +1220,7 @@ class ProxyProtocol(TwistedProtocol):
         if self._rstate != _R_BODY:
             return
         self._rstate = _R_DONE
+        self._rtrailers.clear()
         if self._rframe == _F_CHUNKED:
             self._cout.append(b"0\r\n\r\n")
         self._rkeep = self._rparser.should_keep_alive()
@@ -1295,7 +1388,10 @@ class ProxyFactory(Factory):
         factory = ProxyFactory(router=router, pools=pools, clock=reactor, settings=settings)
         # wrap in TLSMemoryBIOFactory and listen; on shutdown: pools.close()
 
-    ``router(sni, host)`` returns the route for a request (see :data:`Router`),
+    ``router(sni, host)`` returns the route for a request (see :data:`Router`);
+    on a configuration reload assign a new one to ``factory.router``: the next
+    request on every connection uses it (connections remember only the last
+    decision made by the same router object),
     ``pools`` is the shared :class:`~tlsproxy.upstream.UpstreamPools` (give it
     the same settings: it applies the ``backend_*`` ones), ``clock``
     provides ``IReactorTime`` (the reactor), ``settings`` the timeouts and
@@ -1313,8 +1409,10 @@ class ProxyFactory(Factory):
         settings: ProxySettings | None = None,
         *,
         scheme: str = "https",
+        unrouted_headers: HeaderPolicy | None = None,
     ) -> None:
         self.router = router
+        self.unrouted_headers = unrouted_headers if unrouted_headers is not None else HeaderPolicy()
         self.pools = pools
         self.clock = clock
         self.settings = settings if settings is not None else ProxySettings()

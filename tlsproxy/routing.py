@@ -14,15 +14,18 @@ from __future__ import annotations
 import attrs
 
 from tlsproxy.config import Backend, Config
+from tlsproxy.headers import HeaderPolicies, HeaderPolicy
 from tlsproxy.hostnames import HostTable
 
 
 @attrs.frozen
 class Route:
-    """Where one request goes: ``site`` is the configured host name (for logs)."""
+    """Where one request goes: ``site`` is the configured host name (for logs),
+    ``headers`` the site's response-header policy (HSTS, HPKP, extra headers)."""
 
     site: str
     backend: Backend
+    headers: HeaderPolicy = attrs.field(factory=HeaderPolicy)
 
 
 def host_without_port(host: bytes) -> bytes:
@@ -39,12 +42,19 @@ def host_without_port(host: bytes) -> bytes:
 
 
 class Router:
-    """Routes requests for one configuration; build a new one on reload."""
+    """Routes requests for one configuration; build a new one on reload.
 
-    def __init__(self, config: Config) -> None:
+    ``policies`` gives each route its response-header policy; without it routes
+    carry none.  ``unrouted_headers`` is the policy for answers to requests that
+    matched no site.
+    """
+
+    def __init__(self, config: Config, policies: HeaderPolicies | None = None) -> None:
         self._table: HostTable[Route] = HostTable()
+        self.unrouted_headers = policies.fallback if policies is not None else HeaderPolicy()
         for host in config.hosts:
-            route = Route(site=host.name, backend=host.backend)
+            headers = policies.for_site(host.name) if policies is not None else HeaderPolicy()
+            route = Route(site=host.name, backend=host.backend, headers=headers)
             for pattern in host.names:
                 self._table.add(pattern, route)
 

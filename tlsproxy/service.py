@@ -65,36 +65,46 @@ def build_service(config: Config, reactor: Any, *, foreground: bool = True) -> M
     problems += tls_problems
     https, endpoint_problems = parse_endpoints(reactor, config.listen.https, "listen.https")
     problems += endpoint_problems
-    # -- issue 4: port 80 listeners and HTTPS response headers (HSTS/HPKP/extra) ----
     http, http_problems = parse_endpoints(reactor, config.listen.http, "listen.http")
     problems += http_problems + plain_problems(config)
-    # The engine must apply _header_policies.for_site(site).apply(headers) to every
-    # HTTPS response (lead: pass it to ProxyFactory once the engine takes it).
-    _header_policies, header_problems = build_header_policies(config, certificates)
+    header_policies, header_problems = build_header_policies(config, certificates)
     problems += header_problems
-    # -- end port 80 -----------------------------------------------------------------
     errors = [p for p in problems if not p.warning]
     if errors or contexts is None:
         raise ConfigError(config.source, errors)
     for warning in problems:
         log.warn("{message}", message=warning.render(config.source))
 
-    top = MultiService()
+    top = _ProxyService()
+    settings = ProxySettings()
+    router = Router(config, header_policies)
+    top.pools = UpstreamPools(reactor, settings)
     proxy = ProxyFactory(
-        router=Router(config),
-        pools=UpstreamPools(reactor),
+        router=router,
+        pools=top.pools,
         clock=reactor,
-        settings=ProxySettings(),
+        settings=settings,
+        unrouted_headers=router.unrouted_headers,
     )
     creator = SNIConnectionCreator(contexts)
     tls_factory = TLSMemoryBIOFactory(creator, False, proxy)
     for i, endpoint in enumerate(https):
         where = f"{config.source}: listen.https[{i}] ({config.listen.https[i]})"
         ListeningService(endpoint, tls_factory, where, foreground).setServiceParent(top)
-    # -- port 80 (issue 4): ACME http-01 challenges and redirects to HTTPS -----------
     plain_site = make_plain_site(config, ChallengeTokens(), reactor=reactor)
     for i, endpoint in enumerate(http):
         where = f"{config.source}: listen.http[{i}] ({config.listen.http[i]})"
         ListeningService(endpoint, plain_site, where, foreground).setServiceParent(top)
-    # -- end port 80 -----------------------------------------------------------------
     return top
+
+
+class _ProxyService(MultiService):
+    """The listeners, plus closing the pooled backend connections on shutdown."""
+
+    pools: UpstreamPools | None = None
+
+    def stopService(self) -> Any:
+        d = super().stopService()
+        if self.pools is not None:
+            self.pools.close()
+        return d

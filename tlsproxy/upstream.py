@@ -150,6 +150,8 @@ class BackendConnection(TwistedProtocol):
         #: the send buffer is full
         self.write_paused = False
         self.connected_ = False
+        #: the pool's idle list for this backend (cached: saves hashing the backend)
+        self.idle_list: list[BackendConnection] | None = None
         self._read_paused = False
         self._t: Transport | None = None
         self._attempt: _ConnectAttempt | None = None
@@ -349,9 +351,9 @@ class UpstreamPools:
         if not conn.connected_ or self._closed:
             conn.close()
             return
-        idle = self._idle.get(conn.backend)
+        idle = conn.idle_list
         if idle is None:
-            idle = self._idle[conn.backend] = []
+            idle = conn.idle_list = self._idle.setdefault(conn.backend, [])
         if len(idle) >= self._settings.backend_max_idle:
             conn.close()
             return
@@ -377,7 +379,8 @@ class UpstreamPools:
         self._closed = True
         for conn in list(self._connections):
             conn.abort()
-        self._idle.clear()
+        for idle in self._idle.values():
+            idle.clear()
         self._stop_sweeping()
 
     # statistics, for tests and status pages
@@ -403,7 +406,7 @@ class UpstreamPools:
             conn.owner = user
             user.backend_connected(conn)
         else:
-            conn.exchanges = -1  # release() counts an exchange; a fresh one has none
+            conn.exchanges = -1  # release() counts an exchange; this one had none
             self.release(conn)
 
     def _attempt_done(self, attempt: _ConnectAttempt) -> None:
@@ -417,7 +420,7 @@ class UpstreamPools:
             self._stop_sweeping()
 
     def _forget_idle(self, conn: BackendConnection) -> None:
-        idle = self._idle.get(conn.backend)
+        idle = conn.idle_list
         if idle is not None and conn in idle:
             idle.remove(conn)
 

@@ -93,22 +93,26 @@ def _client_context(ca_file: Path) -> ssl.SSLContext:
     return context
 
 
-def test_request_reaches_backend_and_back(tmp_path: Path, backend: int, tlsproxy_runner: Any) -> None:
+def test_request_reaches_backend_and_back(
+    tmp_path: Path, backend: int, tlsproxy_runner: Any
+) -> None:
     """A client's HTTPS request is forwarded to the site's backend and the answer comes back,
     with the certificate verified against the CA and the original Host kept."""
     config, ca_file = _site(tmp_path, ["example.test", "www.example.test"], backend)
     proxy = tlsproxy_runner(config)
     context = _client_context(ca_file)
     for name in ("example.test", "www.example.test"):
-        with socket.create_connection(("127.0.0.1", proxy.https_port), timeout=10) as raw:
-            with context.wrap_socket(raw, server_hostname=name) as tls:
-                tls.sendall(
-                    f"POST /form?x=1 HTTP/1.1\r\nHost: {name}\r\nContent-Length: 5\r\n"
-                    "Connection: close\r\n\r\nhello".encode()
-                )
-                response = b""
-                while chunk := tls.recv(65536):
-                    response += chunk
+        with (
+            socket.create_connection(("127.0.0.1", proxy.https_port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname=name) as tls,
+        ):
+            tls.sendall(
+                f"POST /form?x=1 HTTP/1.1\r\nHost: {name}\r\nContent-Length: 5\r\n"
+                "Connection: close\r\n\r\nhello".encode()
+            )
+            response = b""
+            while chunk := tls.recv(65536):
+                response += chunk
         head, _, body = response.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), head
         answer = json.loads(body)
@@ -140,7 +144,8 @@ def _run_twistd(*args: str, cwd: Path, timeout: float = 60) -> subprocess.Comple
 
 def test_bad_config_lists_every_problem_and_binds_nothing(tmp_path: Path) -> None:
     """A config with several mistakes (a key that does not match its certificate, a missing
-    file, an unknown key) makes twistd exit 1 before binding, printing each with file and key path."""
+    file, an unknown key) makes twistd exit 1 before binding, printing each with file and
+    key path."""
     ca = pki.make_ca()
     leaf, other = ca.issue(["a.test"]), ca.issue(["a.test"])
     key = pki.write_file(tmp_path / "a.key", pki.key_pem(other.key))
@@ -199,9 +204,7 @@ def test_port_in_use_is_one_line(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         config["listen"] = {"https": [f"tcp:{port}:interface=127.0.0.1"]}
         (tmp_path / "proxy.yaml").write_text(json.dumps(config))
-        result = _run_twistd(
-            "-n", "--pidfile=", "tlsproxy", "--config", "proxy.yaml", cwd=tmp_path
-        )
+        result = _run_twistd("-n", "--pidfile=", "tlsproxy", "--config", "proxy.yaml", cwd=tmp_path)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if "cannot listen" in line]
@@ -312,16 +315,15 @@ def test_plugin_found_after_a_normal_install(tmp_path: Path) -> None:
     assert not (target / "twisted" / "__init__.py").exists()
     # Only the installed copy may be importable: run from elsewhere with the target first
     # and the project's source tree out of sys.path.
+    script = (
+        f"import sys; sys.path.insert(0, {str(target)!r}); "
+        f"sys.path[:] = [p for p in sys.path if p.rstrip('/') != {str(ROOT)!r}]; "
+        "import tlsproxy; from twisted.plugin import getPlugins; "
+        "from twisted.application.service import IServiceMaker; "
+        "print(tlsproxy.__file__); print([p.tapname for p in getPlugins(IServiceMaker)])"
+    )
     probe = subprocess.run(
-        [
-            sys.executable, "-I", "-c",
-            "import sys; sys.path.insert(0, %r); "
-            "sys.path[:] = [p for p in sys.path if p.rstrip('/') != %r] ; "
-            "import tlsproxy; from twisted.plugin import getPlugins; "
-            "from twisted.application.service import IServiceMaker; "
-            "print(tlsproxy.__file__); print([p.tapname for p in getPlugins(IServiceMaker)])"
-            % (str(target), str(ROOT)),
-        ],
+        [sys.executable, "-I", "-c", script],
         capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False,
     )  # fmt: skip
     assert probe.returncode == 0, probe.stderr

@@ -36,23 +36,6 @@ from tests.e2e.harness import (
 pytestmark = pytest.mark.e2e
 
 
-def _engine_applies_header_policies() -> bool:
-    import inspect
-
-    from tlsproxy.proxy import ProxyFactory
-
-    return "header_policies" in inspect.signature(ProxyFactory).parameters
-
-
-#: The HTTPS header tests need the proxy engine to apply `tlsproxy.headers` policies
-#: (ProxyFactory(..., header_policies=...)); until then they are expected to fail, and
-#: they run as ordinary tests as soon as the engine takes the argument.
-needs_engine_hook = pytest.mark.xfail(
-    not _engine_applies_header_policies(),
-    reason="the proxy engine does not apply header policies yet",
-    strict=True,
-)
-
 TOKEN = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA"
 
 
@@ -305,7 +288,6 @@ def test_traversal_and_malformed_tokens_are_refused(setup: Setup, path: str) -> 
 # -- HTTPS headers ------------------------------------------------------------------------
 
 
-@needs_engine_hook
 def test_hsts_on_proxied_responses_replaces_the_backends(setup: Setup) -> None:
     """Proxied responses carry exactly our HSTS; the backend's max-age=1 is gone, extra
     headers are set and removed, repeated Set-Cookie headers survive."""
@@ -317,7 +299,6 @@ def test_hsts_on_proxied_responses_replaces_the_backends(setup: Setup) -> None:
     assert result.values("set-cookie") == ["a=1", "b=2"]
 
 
-@needs_engine_hook
 def test_hsts_on_error_pages(setup: Setup) -> None:
     """502 for a dead backend and 421 for an unknown Host both carry HSTS."""
     down = curl(setup, f"https://down.example:{setup.https_port}/")
@@ -328,7 +309,6 @@ def test_hsts_on_error_pages(setup: Setup) -> None:
     assert unknown.values("strict-transport-security") == ["max-age=63072000"]
 
 
-@needs_engine_hook
 def test_hpkp_pins_equal_openssl_for_live_keys_and_backup(setup: Setup) -> None:
     """Public-Key-Pins-Report-Only pins the live ECDSA and RSA keys and the spare key,
     each pin equal to `openssl pkey -pubout -outform DER | openssl dgst -sha256 -binary

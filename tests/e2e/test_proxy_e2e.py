@@ -5,6 +5,7 @@ are treq and raw sockets.  Everything binds to 127.0.0.1 and every wait is
 bounded by a timeout.
 """
 
+# mypy: allow-untyped-decorators
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +16,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, task
+from twisted.internet import reactor as _reactor
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
@@ -30,7 +32,10 @@ from tlsproxy.upstream import UpstreamPools
 
 pytestmark = pytest.mark.e2e
 
+reactor: Any = _reactor
+
 TIMEOUT = 20.0
+SITE: dict[bytes | str, bytes | str] = {"Host": "site.test"}
 MIB = 1024 * 1024
 
 
@@ -50,7 +55,7 @@ class Hello(Resource):
             "x-forwarded-proto": request.getHeader(b"x-forwarded-proto"),
             "forwarded": request.getHeader(b"forwarded"),
             "host": request.getHeader(b"host"),
-            "client_port": request.getClientAddress().port,  # type: ignore[attr-defined]
+            "client_port": request.getClientAddress().port,
         }
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(
@@ -132,12 +137,12 @@ class Stack:
         root.putChild(b"big", Big())
         root.putChild(b"slow", Slow())
         self.site = Site(root)
-        self.backend_port = reactor.listenTCP(0, self.site, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.backend_port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         backend = Backend(scheme="http", host="127.0.0.1", port=self.backend_port.getHost().port)
         # A port nothing listens on: bound then closed.
-        closed = reactor.listenTCP(0, Factory(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        closed = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
         self.dead_port = closed.getHost().port
-        self._closing = [closed.stopListening()]
+        self._closing: list[defer.Deferred[Any]] = [defer.maybeDeferred(closed.stopListening)]
         routes = {
             b"site.test": Route(site="site.test", backend=backend),
             b"dead.test": Route(
@@ -145,16 +150,16 @@ class Stack:
                 backend=Backend(scheme="http", host="127.0.0.1", port=self.dead_port),
             ),
         }
-        self.pools = UpstreamPools(reactor, settings)  # type: ignore[arg-type]
+        self.pools = UpstreamPools(reactor, settings)
         self.proxy = ProxyFactory(
             router=lambda sni, host: routes.get(host),
             pools=self.pools,
             clock=reactor,
             settings=settings,
         )
-        self.proxy_port = reactor.listenTCP(0, self.proxy, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.proxy_port = reactor.listenTCP(0, self.proxy, interface="127.0.0.1")
         self.port = self.proxy_port.getHost().port
-        self.client_pool = HTTPConnectionPool(reactor, persistent=False)
+        self.client_pool = HTTPConnectionPool(reactor, persistent=False)  # type: ignore[no-untyped-call]
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -162,7 +167,7 @@ class Stack:
     @defer.inlineCallbacks
     def close(self) -> Generator[Any, Any, None]:
         yield defer.DeferredList(self._closing)
-        yield self.client_pool.closeCachedConnections()
+        yield self.client_pool.closeCachedConnections()  # type: ignore[no-untyped-call]
         self.pools.close()
         yield self.proxy_port.stopListening()
         yield self.backend_port.stopListening()
@@ -205,7 +210,7 @@ class RawClient(Protocol):
 def raw_connect(port: int) -> Generator[Any, Any, RawClient]:
     client = RawClient()
     factory = ClientFactory.forProtocol(lambda: client)
-    reactor.connectTCP("127.0.0.1", port, factory, timeout=5)  # type: ignore[attr-defined]
+    reactor.connectTCP("127.0.0.1", port, factory, timeout=5)
     yield bounded(client.connected_d)
     return client
 
@@ -266,7 +271,7 @@ def test_large_upload_with_content_length(stack: Stack) -> Generator[Any, Any, N
         treq.post(
             stack.url("/echo"),
             data=body,
-            headers={"Host": "site.test"},
+            headers=SITE,
             pool=stack.client_pool,
         )
     )
@@ -311,7 +316,7 @@ def test_large_chunked_upload(stack: Stack) -> Generator[Any, Any, None]:
         treq.put(
             stack.url("/echo"),
             data=ChunkedBody(body),
-            headers={"Host": "site.test"},
+            headers=SITE,
             pool=stack.client_pool,
         )
     )
@@ -419,17 +424,17 @@ class WebSocketishBackend(Protocol):
 def test_websocket_splice() -> Generator[Any, Any, None]:
     """After a 101, bytes flow both ways through the proxy, and the backend's close
     reaches the client."""
-    backend_port = reactor.listenTCP(  # type: ignore[attr-defined]
+    backend_port = reactor.listenTCP(
         0, Factory.forProtocol(WebSocketishBackend), interface="127.0.0.1"
     )
     backend = Backend(scheme="http", host="127.0.0.1", port=backend_port.getHost().port)
-    pools = UpstreamPools(reactor)  # type: ignore[arg-type]
+    pools = UpstreamPools(reactor)
     proxy = ProxyFactory(
         router=lambda sni, host: Route(site="ws.test", backend=backend),
         pools=pools,
         clock=reactor,
     )
-    proxy_port = reactor.listenTCP(0, proxy, interface="127.0.0.1")  # type: ignore[attr-defined]
+    proxy_port = reactor.listenTCP(0, proxy, interface="127.0.0.1")
     try:
         client = yield raw_connect(proxy_port.getHost().port)
         assert client.transport is not None
@@ -445,6 +450,73 @@ def test_websocket_splice() -> Generator[Any, Any, None]:
         client.transport.write(b"bye")
         data = yield bounded(client.done)
         assert data == b"HELLO BYE"
+    finally:
+        pools.close()
+        yield proxy_port.stopListening()
+        yield backend_port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_behind_tls_sni_reaches_router_and_close_completes() -> Generator[Any, Any, None]:
+    """Wrapped in Twisted's TLS layer as in production: the router gets the SNI name,
+    and a Connection: close response ends with the TLS connection closed."""
+    from OpenSSL import SSL
+    from twisted.internet import ssl
+    from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from tests import pki
+
+    leaf = pki.make_ca().issue(["site.test"])
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.use_certificate(leaf.cert)  # type: ignore[arg-type]  # stubs lag pyOpenSSL
+    context.use_privatekey(leaf.key)  # type: ignore[arg-type]
+    for extra in leaf.chain:
+        context.add_extra_chain_cert(extra)  # type: ignore[arg-type]
+
+    @implementer(IOpenSSLServerConnectionCreator)
+    class ServerOptions:
+        def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:
+            return SSL.Connection(context, None)
+
+    server_options = ServerOptions()
+    backend_site = Site(Hello())
+    backend_port = reactor.listenTCP(0, backend_site, interface="127.0.0.1")
+    backend = Backend(scheme="http", host="127.0.0.1", port=backend_port.getHost().port)
+    calls: list[tuple[str | None, bytes]] = []
+
+    def router(sni: str | None, host: bytes) -> Route:
+        calls.append((sni, host))
+        return Route(site="site.test", backend=backend)
+
+    pools = UpstreamPools(reactor)
+    proxy = ProxyFactory(router=router, pools=pools, clock=reactor)
+    proxy_port = reactor.listenTCP(
+        0,
+        TLSMemoryBIOFactory(server_options, False, proxy),  # type: ignore[arg-type]
+        interface="127.0.0.1",
+    )
+    try:
+        client = RawClient()
+        trust = ssl.Certificate.loadPEM(pki.cert_pem(leaf.root))
+        reactor.connectSSL(
+            "127.0.0.1",
+            proxy_port.getHost().port,
+            ClientFactory.forProtocol(lambda: client),
+            ssl.optionsForClientTLS("site.test", trustRoot=trust),
+            timeout=5,
+        )
+        yield bounded(client.connected_d)
+        assert client.transport is not None
+        client.transport.write(
+            b"GET /x HTTP/1.1\r\nHost: site.test\r\n\r\n"
+            b"GET /y HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n"
+        )
+        data = yield bounded(client.done)
+        assert data.count(b"HTTP/1.1 200 OK\r\n") == 2
+        assert b"Connection: close\r\n" in data
+        # One routing decision: the keep-alive connection reuses it for the same Host.
+        assert calls == [("site.test", b"site.test")]
     finally:
         pools.close()
         yield proxy_port.stopListening()

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -22,12 +20,11 @@ from typing import Any
 
 import attrs
 import pytest
-import yaml
 from cryptography import x509
 from OpenSSL import SSL
 
 from tests import pki
-from tests.e2e.harness import ROOT, free_port, need_tool, start_tlsproxy, wait_for_port
+from tests.e2e.harness import ROOT, need_tool, start_tlsproxy
 from tlsproxy import tls
 
 pytestmark = pytest.mark.e2e
