@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from tlsproxy.config import Backend
 from tlsproxy.proxy import ProxyFactory, ProxyProtocol, ProxySettings
-from tlsproxy.routing import Route
+from tlsproxy.routing import Route, RouteTable
 from tlsproxy.upstream import UpstreamPools
 
 BACKEND = Backend(scheme="http", host="10.0.0.2", port=8080)
@@ -298,6 +298,19 @@ class SNIHandle:
         return self.name
 
 
+class FunctionRouter:
+    """A router from a function ``(sni, host) -> Route | RouteTable | None``."""
+
+    def __init__(self, find: Callable[[str | None, bytes], Route | RouteTable | None]) -> None:
+        self.find = find
+
+    def table(self, sni: str | None, host: bytes) -> RouteTable | None:
+        found = self.find(sni, host)
+        if isinstance(found, Route):
+            return RouteTable(found)
+        return found
+
+
 class Harness:
     """A proxy with in-memory clients and backends.
 
@@ -310,7 +323,7 @@ class Harness:
     def __init__(
         self,
         settings: ProxySettings | None = None,
-        routes: dict[bytes, Route] | None = None,
+        routes: dict[bytes, Route | RouteTable] | None = None,
         *,
         backend_high_water: int | None = None,
         client_high_water: int | None = None,
@@ -318,7 +331,7 @@ class Harness:
     ) -> None:
         self.reactor = FakeReactor()
         self.settings = settings or ProxySettings()
-        self.routes = (
+        self.routes: dict[bytes, Route | RouteTable] = (
             routes
             if routes is not None
             else {
@@ -329,7 +342,10 @@ class Harness:
         self.router_calls: list[tuple[str | None, bytes]] = []
         self.pools = UpstreamPools(self.reactor, self.settings)
         self.factory = ProxyFactory(
-            router=self.route, pools=self.pools, clock=self.reactor, settings=self.settings
+            router=FunctionRouter(self.route),
+            pools=self.pools,
+            clock=self.reactor,
+            settings=self.settings,
         )
         self.links: list[tuple[MemoryTransport, MemoryTransport]] = []
         self.backend_servers: dict[tuple[str, int], Any] = {
@@ -341,7 +357,7 @@ class Harness:
         self.client_high_water = client_high_water
         self.chunk_size = chunk_size
 
-    def route(self, sni: str | None, host: bytes) -> Route | None:
+    def route(self, sni: str | None, host: bytes) -> Route | RouteTable | None:
         self.router_calls.append((sni, host))
         return self.routes.get(host.lower())
 

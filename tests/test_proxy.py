@@ -19,6 +19,7 @@ from tests.proxyharness import (
     BACKEND,
     OTHER_BACKEND,
     FakeBackend,
+    FunctionRouter,
     Harness,
     MemoryTransport,
     chunked,
@@ -29,7 +30,7 @@ from tests.proxyharness import (
 )
 from tlsproxy.config import Backend
 from tlsproxy.proxy import ProxySettings
-from tlsproxy.routing import Route
+from tlsproxy.routing import Route, RouteTable
 
 
 @pytest.fixture
@@ -1063,8 +1064,45 @@ def test_router_swap_applies_to_open_connections(h: Harness) -> None:
     already open keep-alive connection."""
     client, _ = h.client()
     h.exchange(client, request(), response(200, b"old"))
-    h.factory.router = lambda sni, host: Route(site="moved", backend=OTHER_BACKEND)
+    h.factory.router = FunctionRouter(lambda sni, host: Route(site="moved", backend=OTHER_BACKEND))
     client.send(request())
     h.pump()
     assert len(h.backends) == 2
     assert h.backends[1].t.host.port == OTHER_BACKEND.port
+
+
+# ------------------------------------------------------------- path routes
+
+
+def test_path_prefix_routes_on_one_keep_alive_connection() -> None:
+    """Requests of one keep-alive connection go to the backend of their path prefix;
+    the site is looked up once per Host, the path picked for every request."""
+    table = RouteTable(
+        Route(site="example.com", backend=BACKEND),
+        ((b"/ws/", Route(site="example.com", backend=OTHER_BACKEND)),),
+    )
+    h = Harness(routes={b"example.com": table})
+    client, _ = h.client()
+    h.exchange(client, request(b"GET", b"/ws/chat"), response(200, b"ws"))
+    assert h.backends[-1].t.host.port == OTHER_BACKEND.port
+    assert parse_requests(h.backends[-1].take())[0].target == b"/ws/chat"
+    h.exchange(client, request(b"GET", b"/page"), response(200, b"page"))
+    assert h.backends[-1].t.host.port == BACKEND.port
+    h.exchange(client, request(b"GET", b"/ws/again"), response(200, b"ws"))
+    assert [b.t.host.port for b in h.backends] == [OTHER_BACKEND.port, BACKEND.port]
+    assert len(parse_requests(h.backends[0].take())) == 1  # the pooled connection reused
+    assert h.router_calls == [(None, b"example.com")]
+
+
+def test_preserve_host_false_sends_backend_host() -> None:
+    """A route with a Host override sends the backend's host:port as Host; the
+    client's Host still reaches the backend in X-Forwarded-Host and Forwarded."""
+    route = Route(site="example.com", backend=BACKEND, host_header=b"10.0.0.2:8080")
+    h = Harness(routes={b"example.com": route})
+    client, _ = h.client()
+    client.send(request(host=b"Example.com:443"))
+    h.pump()
+    [seen] = parse_requests(one_request(h))
+    assert seen.header_all(b"Host") == [b"10.0.0.2:8080"]
+    assert seen.header(b"X-Forwarded-Host") == b"Example.com:443"
+    assert seen.header(b"Forwarded") == b'for=192.0.2.7;proto=https;host="Example.com:443"'

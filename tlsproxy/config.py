@@ -183,6 +183,37 @@ class AcmeSettings:
 
 
 @attrs.frozen
+class PathRoute:
+    """``routes: [{path: /ws/, backend: http://…}]``: requests whose path starts
+    with ``path`` (a plain prefix, as nginx's ``location /ws/``) go to ``backend``."""
+
+    path: str
+    backend: Backend
+
+
+#: The ``proxy:`` keys: engine limits and deadlines (`tlsproxy.proxy.ProxySettings`
+#: fields of the same names, which hold the defaults).  Each maps to its kind:
+#: ``seconds`` (a number > 0), ``bytes`` (a whole number or a string with a
+#: ``K``/``M``/``G`` suffix, powers of 1024), ``count`` (a whole number > 0).
+PROXY_KEYS: dict[str, str] = {
+    "client_header_timeout": "seconds",
+    "client_body_timeout": "seconds",
+    "keepalive_timeout": "seconds",
+    "client_send_timeout": "seconds",
+    "max_request_line": "bytes",
+    "max_header_bytes": "bytes",
+    "max_header_count": "count",
+    "max_body_bytes": "bytes",
+    "backend_connect_timeout": "seconds",
+    "backend_read_timeout": "seconds",
+    "backend_idle_timeout": "seconds",
+    "backend_max_idle": "count",
+    "max_response_header_bytes": "bytes",
+    "sweep_interval": "seconds",
+}
+
+
+@attrs.frozen
 class HostConfig:
     """One site: its canonical name, other names, certificates and backend.
 
@@ -201,6 +232,12 @@ class HostConfig:
     redirect: RedirectSettings = RedirectSettings()
     headers: ExtraHeaders = ExtraHeaders()
     webroot: str | None = None
+    #: Path-prefix routes, longest prefix first (see `PathRoute`); paths that
+    #: match none go to ``backend``.
+    routes: tuple[PathRoute, ...] = ()
+    #: Send the client's ``Host`` to the backend (True) or the backend's own
+    #: ``host:port`` (False; ``X-Forwarded-Host`` still carries the original).
+    preserve_host: bool = True
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -218,6 +255,9 @@ class Config:
     default_host: str
     hosts: tuple[HostConfig, ...]
     acme: AcmeSettings = AcmeSettings()
+    #: The ``proxy:`` values given, by `PROXY_KEYS` name (``max_body_bytes``
+    #: may be None: unlimited); absent keys keep the engine's defaults.
+    proxy: tuple[tuple[str, float | int | None], ...] = ()
 
     def host(self, name: str) -> HostConfig:
         """The host whose canonical name is ``name``.
@@ -307,7 +347,7 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-_TOP_KEYS = ("listen", "tls", "default_host", "hosts", "acme")
+_TOP_KEYS = ("listen", "tls", "default_host", "hosts", "acme", "proxy")
 _LISTEN_KEYS = ("https", "http")
 _TLS_KEYS = (
     "profile",
@@ -327,6 +367,8 @@ _HOST_KEYS = (
     "redirect",
     "headers",
     "webroot",
+    "routes",
+    "preserve_host",
 )
 _CERT_KEYS = ("key", "cert", "chain")
 
@@ -444,15 +486,64 @@ def _parse_host(
         _parse_backend(c, doc["backend"], _join(path, "backend")) if "backend" in doc else None
     )
     policy = _parse_site_policy(c, doc, path)
-    if certificates is None or backend is None:
+    routes = _parse_routes(c, doc["routes"], _join(path, "routes")) if "routes" in doc else ()
+    if "preserve_host" in doc:
+        preserve = c.boolean(doc["preserve_host"], _join(path, "preserve_host"))
+        if preserve is not None:
+            policy["preserve_host"] = preserve
+    if certificates is None or backend is None or routes is None:
         return None
     return HostConfig(
         name=name,
         aliases=tuple(aliases),
         certificates=certificates,
         backend=backend,
+        routes=routes,
         **policy,
     )
+
+
+_ROUTE_KEYS = ("path", "backend")
+# A path prefix: "/" then path characters (RFC 3986 pchar and "/"), no query or fragment.
+_ROUTE_PATH = re.compile(r"^/[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*$")
+
+
+def _parse_routes(c: _Checker, value: object, path: str) -> tuple[PathRoute, ...] | None:
+    """A host's ``routes`` list, longest prefix first; None if any entry is bad."""
+    if not isinstance(value, list):
+        c.error(path, f"must be a list of {{path, backend}} mappings, not {_kind(value)}")
+        return None
+    routes: list[PathRoute] = []
+    seen: dict[str, str] = {}
+    ok = True
+    for i, item in enumerate(value):
+        ipath = f"{path}[{i}]"
+        doc = c.mapping(item, ipath, _ROUTE_KEYS, required=_ROUTE_KEYS)
+        if doc is None or "path" not in doc or "backend" not in doc:
+            ok = False
+            continue
+        prefix = c.string(doc["path"], _join(ipath, "path"))
+        backend = _parse_backend(c, doc["backend"], _join(ipath, "backend"))
+        if prefix is not None and not _ROUTE_PATH.fullmatch(prefix):
+            reason = (
+                "must start with /"
+                if not prefix.startswith("/")
+                else "must be a URL path without query, fragment, spaces or control characters"
+            )
+            c.error(_join(ipath, "path"), f"{reason}, not {prefix!r}")
+            prefix = None
+        if prefix is not None and prefix in seen:
+            c.error(_join(ipath, "path"), f"{prefix} is already routed by {seen[prefix]}")
+            prefix = None
+        if prefix is None or backend is None:
+            ok = False
+            continue
+        seen[prefix] = ipath
+        routes.append(PathRoute(path=prefix, backend=backend))
+    if not ok:
+        return None
+    routes.sort(key=lambda r: len(r.path), reverse=True)
+    return tuple(routes)
 
 
 def _parse_hosts(c: _Checker, value: object) -> tuple[HostConfig, ...]:
@@ -714,6 +805,7 @@ def parse_config(document: object, source: str) -> Config:
     tls = _parse_tls(c, doc.get("tls", {}))
     acme = _parse_acme(c, doc["acme"]) if "acme" in doc else AcmeSettings()
     hosts = _parse_hosts(c, doc["hosts"]) if "hosts" in doc else ()
+    proxy = _parse_proxy(c, doc["proxy"]) if "proxy" in doc else ()
     default_host = hosts[0].name if hosts else ""
     if "default_host" in doc:
         raw = c.string(doc["default_host"], "default_host")
@@ -741,7 +833,68 @@ def parse_config(document: object, source: str) -> Config:
         default_host=default_host,
         hosts=hosts,
         acme=acme,
+        proxy=proxy,
     )
+
+
+_SIZE = re.compile(r"^\s*([0-9]+)\s*([KMG]?)(?:i?B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+#: Largest value accepted for any ``proxy:`` time (a day) and size (1 TiB).
+_MAX_SECONDS = 86400
+_MAX_SIZE = 1024**4
+
+
+def _parse_proxy(c: _Checker, value: object) -> tuple[tuple[str, float | int | None], ...]:
+    """The ``proxy:`` section: engine limits and deadlines (see `PROXY_KEYS`)."""
+    doc = c.mapping(value, "proxy", tuple(PROXY_KEYS))
+    if doc is None:
+        return ()
+    out: list[tuple[str, float | int | None]] = []
+    for key, raw in doc.items():
+        kind = PROXY_KEYS.get(key)
+        path = f"proxy.{key}"
+        if kind is None:
+            continue  # reported by mapping()
+        parsed: float | int | None
+        if kind == "seconds":
+            if not isinstance(raw, int | float) or isinstance(raw, bool):
+                c.error(path, f"must be a number of seconds, not {_kind(raw)}")
+                continue
+            if not 0 < raw <= _MAX_SECONDS:
+                c.error(path, f"must be more than 0 and at most {_MAX_SECONDS} seconds, not {raw}")
+                continue
+            parsed = float(raw)
+        elif kind == "count":
+            count = _integer(c, raw, path, 1, 1_000_000)
+            if count is None:
+                continue
+            parsed = count
+        else:
+            if key == "max_body_bytes" and raw == "unlimited":
+                out.append((key, None))
+                continue
+            size = _size(raw)
+            if size is None or not 0 < size <= _MAX_SIZE:
+                hint = " or unlimited" if key == "max_body_bytes" else ""
+                c.error(
+                    path,
+                    f"must be a size above 0 such as 16384, 64K, 100M or 1G{hint}, not {raw!r}",
+                )
+                continue
+            parsed = size
+        out.append((key, parsed))
+    return tuple(out)
+
+
+def _size(value: object) -> int | None:
+    """A size in bytes: a whole number, or a string such as ``64K``, ``100M``, ``1G``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value)
+        if match is not None:
+            return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    return None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -387,6 +387,19 @@ class PlainSite(Site):
         self.displayTracebacks = False
 
 
+def plain_resource(
+    config: Config,
+    tokens: ChallengeTokens,
+    https_port: int | None = None,
+    *,
+    insecure_proxy: IResource | None = None,
+) -> PlainResource:
+    """The resource answering every plain-HTTP request (see `make_plain_site`)."""
+    if https_port is None:
+        https_port = https_port_from_endpoints(config.listen.https)
+    return PlainResource(config, tokens, https_port, insecure_proxy)
+
+
 def make_plain_site(
     config: Config,
     tokens: ChallengeTokens,
@@ -403,9 +416,7 @@ def make_plain_site(
     :param insecure_proxy: the resource that proxies hosts with
         ``redirect: false``; without one, they get 503.
     """
-    if https_port is None:
-        https_port = https_port_from_endpoints(config.listen.https)
-    resource = PlainResource(config, tokens, https_port, insecure_proxy)
+    resource = plain_resource(config, tokens, https_port, insecure_proxy=insecure_proxy)
     if reactor is None:
         return PlainSite(resource)
     return PlainSite(resource, reactor=reactor)

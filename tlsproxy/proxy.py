@@ -34,7 +34,6 @@ import collections
 import contextlib
 import functools
 import re
-from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 import attrs
@@ -66,7 +65,14 @@ from tlsproxy.upstream import (
     describe,
 )
 
-__all__ = ["ProxyFactory", "ProxyProtocol", "ProxySettings", "RouteLike", "Router"]
+__all__ = [
+    "ProxyFactory",
+    "ProxyProtocol",
+    "ProxySettings",
+    "RouteLike",
+    "RouteTableLike",
+    "Router",
+]
 
 log = Logger()
 
@@ -149,12 +155,28 @@ class RouteLike(Protocol):
     def headers(self) -> HeaderPolicy:
         """Headers set on (and first removed from) every response of the site."""
 
+    @property
+    def host_header(self) -> bytes | None:
+        """The ``Host`` to send the backend instead of the client's, or None."""
 
-#: ``router(sni, host)``: the route for a request, or None (answered 421).
-#: ``sni`` is the TLS server name (None without TLS or SNI); ``host`` is the
-#: request's ``Host`` without its port, as sent (not case-folded, IPv6 in
-#: brackets).
-Router = Callable[[str | None, bytes], RouteLike | None]
+
+class RouteTableLike(Protocol):
+    """One site's routes (``tlsproxy.routing.RouteTable``)."""
+
+    def route(self, target: bytes) -> RouteLike:
+        """The route for a request target (origin-form, or ``*``)."""
+
+
+class Router(Protocol):
+    """What the factory's ``router`` must provide (``tlsproxy.routing.Router``)."""
+
+    def table(self, sni: str | None, host: bytes) -> RouteTableLike | None:
+        """The routes of the site a request is for, or None (answered 421).
+
+        ``sni`` is the TLS server name (None without TLS or SNI); ``host`` is
+        the request's ``Host`` without its port, as sent (not case-folded, IPv6
+        in brackets).  A connection caches the answer per (router, ``Host``).
+        """
 
 # Why reading from the client is paused (bits of ProxyProtocol._paused).
 _PAUSE_PIPELINE = 1  # a request is in flight; later pipelined requests wait
@@ -374,10 +396,10 @@ class ProxyProtocol(TwistedProtocol):
         self._fwd: forwarding.ForwardingContext | None = None
         self._client = "-"
         self._sni: Any = _UNSET
-        # the last routing decision on this connection (keep-alive reuses it)
+        # the last site looked up on this connection (keep-alive reuses it)
         self._route_host: bytes | None = None
         self._route_router: Router | None = None
-        self._route: RouteLike | None = None
+        self._route_table: RouteTableLike | None = None
 
         self._paused = 0
         #: when reading from the client times out (reactor seconds)
@@ -701,11 +723,11 @@ class ProxyProtocol(TwistedProtocol):
             return
         router = self._factory.router  # read each time: a reload may swap it
         if r.host == self._route_host and router is self._route_router:
-            route: RouteLike | None = self._route
+            table = self._route_table
         else:
-            route = router(self._server_name(), forwarding.split_host(r.host))
-            self._route_host, self._route_router, self._route = r.host, router, route
-        if route is None:
+            table = router.table(self._server_name(), forwarding.split_host(r.host))
+            self._route_host, self._route_router, self._route_table = r.host, router, table
+        if table is None:
             log.info(
                 "{client}: no site for host {host!r} (SNI {sni!r}): 421",
                 client=self._client,
@@ -714,9 +736,12 @@ class ProxyProtocol(TwistedProtocol):
             )
             self._local_response(421, "", quiet=True)
             return
-        r.route = route
+        r.route = route = table.route(r.target)
         assert self._fwd is not None
         parts = [r.method, b" ", r.target, b" HTTP/1.1\r\n"]
+        host_header = route.host_header
+        if host_header is not None:
+            r.forward = [(n, host_header) if n.lower() == b"host" else (n, v) for n, v in r.forward]
         parts.append(forwarding.serialize(r.forward))
         parts.append(self._fwd.block(r.host))
         if r.chunked:
@@ -1388,10 +1413,10 @@ class ProxyFactory(Factory):
         factory = ProxyFactory(router=router, pools=pools, clock=reactor, settings=settings)
         # wrap in TLSMemoryBIOFactory and listen; on shutdown: pools.close()
 
-    ``router(sni, host)`` returns the route for a request (see :data:`Router`);
-    on a configuration reload assign a new one to ``factory.router``: the next
-    request on every connection uses it (connections remember only the last
-    decision made by the same router object),
+    ``router.table(sni, host)`` returns the routes of a request's site (see
+    :class:`Router`); on a configuration reload assign a new one to
+    ``factory.router``: the next request on every connection uses it
+    (connections remember only the last site the same router object found),
     ``pools`` is the shared :class:`~tlsproxy.upstream.UpstreamPools` (give it
     the same settings: it applies the ``backend_*`` ones), ``clock``
     provides ``IReactorTime`` (the reactor), ``settings`` the timeouts and

@@ -9,6 +9,7 @@ here, one line each, and twistd exits non-zero before any port is bound.
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 import tempfile
 from typing import Any
@@ -90,8 +91,11 @@ def makeService(options: Options) -> MultiService:
     from tlsproxy.service import build_service, load_certificates
 
     try:
-        config = _demo_config(options) if options["demo"] else load_config(options["config"])
-        return build_service(config, reactor, foreground=_foreground(options))
+        if options["demo"]:
+            config, path = _demo_config(options), None
+        else:
+            config, path = load_config(options["config"]), os.path.abspath(options["config"])
+        return build_service(config, reactor, foreground=_foreground(options), config_path=path)
     except ConfigError as exc:
         problems = list(exc.problems)
         if isinstance(exc.partial, Config):  # the sites that validated: check their certificates

@@ -1,5 +1,5 @@
 """Fixtures shared by the end-to-end tests (see `tests.e2e.harness`)."""
 
-from tests.e2e.harness import tlsproxy_runner
+from tests.e2e.harness import echo_backend, tlsproxy_runner
 
-__all__ = ["tlsproxy_runner"]
+__all__ = ["echo_backend", "tlsproxy_runner"]

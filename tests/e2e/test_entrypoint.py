@@ -9,11 +9,8 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -29,46 +26,6 @@ from tests.e2e.harness import (
 )
 
 pytestmark = pytest.mark.e2e
-
-
-class _EchoHandler(BaseHTTPRequestHandler):
-    """A backend that answers every request with JSON describing it."""
-
-    protocol_version = "HTTP/1.1"
-
-    def _answer(self) -> None:
-        length = int(self.headers.get("content-length") or 0)
-        body = self.rfile.read(length) if length else b""
-        payload = json.dumps(
-            {
-                "method": self.command,
-                "path": self.path,
-                "host": self.headers.get("host"),
-                "body": body.decode("latin-1"),
-            }
-        ).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(payload)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
-
-    do_GET = do_POST = do_HEAD = _answer
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def backend() -> Iterator[int]:
-    """A plain-HTTP echo backend on 127.0.0.1; yields its port."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _EchoHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
 
 
 def _site(tmp_path: Path, names: list[str], backend_port: int) -> tuple[dict[str, Any], Path]:
@@ -94,11 +51,11 @@ def _client_context(ca_file: Path) -> ssl.SSLContext:
 
 
 def test_request_reaches_backend_and_back(
-    tmp_path: Path, backend: int, tlsproxy_runner: Any
+    tmp_path: Path, echo_backend: int, tlsproxy_runner: Any
 ) -> None:
     """A client's HTTPS request is forwarded to the site's backend and the answer comes back,
     with the certificate verified against the CA and the original Host kept."""
-    config, ca_file = _site(tmp_path, ["example.test", "www.example.test"], backend)
+    config, ca_file = _site(tmp_path, ["example.test", "www.example.test"], echo_backend)
     proxy = tlsproxy_runner(config)
     context = _client_context(ca_file)
     for name in ("example.test", "www.example.test"):
@@ -119,10 +76,10 @@ def test_request_reaches_backend_and_back(
         assert answer == {"method": "POST", "path": "/form?x=1", "host": name, "body": "hello"}
 
 
-def test_curl_through_the_proxy(tmp_path: Path, backend: int, tlsproxy_runner: Any) -> None:
+def test_curl_through_the_proxy(tmp_path: Path, echo_backend: int, tlsproxy_runner: Any) -> None:
     """curl, verifying the certificate, gets the backend's answer over HTTPS with ALPN."""
     curl = need_tool("curl")
-    config, ca_file = _site(tmp_path, ["example.test"], backend)
+    config, ca_file = _site(tmp_path, ["example.test"], echo_backend)
     proxy = tlsproxy_runner(config)
     result = subprocess.run(
         [
@@ -214,10 +171,10 @@ def test_port_in_use_is_one_line(tmp_path: Path) -> None:
     ]
 
 
-def test_daemon_mode_serves_and_stops(tmp_path: Path, backend: int) -> None:
+def test_daemon_mode_serves_and_stops(tmp_path: Path, echo_backend: int) -> None:
     """``twistd tlsproxy`` without -n detaches, writes its pid file, serves HTTPS, and stops
     on SIGTERM."""
-    config, ca_file = _site(tmp_path, ["example.test"], backend)
+    config, ca_file = _site(tmp_path, ["example.test"], echo_backend)
     port = free_port()
     config["listen"] = {"https": [f"tcp:{port}:interface=127.0.0.1"]}
     (tmp_path / "proxy.yaml").write_text(json.dumps(config))
