@@ -164,11 +164,13 @@ class CA:
         days: int = 60,
         issuer: Authority | None = None,
         ip_addresses: Sequence[str] = (),
+        client: bool = False,
     ) -> Leaf:
         """A leaf certificate for DNS ``names`` (SAN; CN is the first name).
 
         Valid from ``not_before`` (default: one day ago) for ``days`` days unless
         ``not_after`` is given.  ``issuer`` defaults to the intermediate.
+        ``client`` makes a TLS client certificate (extended key usage clientAuth).
         """
         import ipaddress
 
@@ -187,7 +189,12 @@ class CA:
             .not_valid_before(start)
             .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]
+                ),
+                critical=False,
+            )
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),  # type: ignore[arg-type]
                 critical=False,

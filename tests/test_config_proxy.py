@@ -3,6 +3,8 @@ per-host ``routes`` and ``preserve_host`` (`tlsproxy.config`)."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -215,3 +217,25 @@ def test_preserve_host_must_be_boolean() -> None:
         "proxy.yaml: hosts.example.com.preserve_host: must be true or false, not a string"
         in errors_of(document(preserve_host="no"))
     )
+
+
+def test_readme_documents_every_proxy_setting_with_its_default() -> None:
+    """The README's limits table lists every ``proxy:`` key with the engine's real default."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Proxy behaviour, limits and timeouts", 1)[1]
+    documented = {
+        match.group(1): match.group(2)
+        for match in re.finditer(r"^\| `([a-z_]+)` \| `([^`]+)` \|", section, re.MULTILINE)
+    }
+    defaults = ProxySettings()
+    for key in PROXY_KEYS:
+        assert key in documented, key
+        config = parse_config(document({key: _yaml_value(documented[key])}), "proxy.yaml")
+        assert getattr(proxy_settings(config), key) == getattr(defaults, key), key
+
+
+def _yaml_value(text: str) -> object:
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        return text  # a size such as 16K

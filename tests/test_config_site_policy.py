@@ -106,8 +106,9 @@ def test_every_key_parsed() -> None:
 
 
 def test_booleans_switch_features() -> None:
-    """hsts: false, hpkp: false and redirect: false are accepted shorthands."""
-    host = parse(hsts=False, hpkp=False, redirect=False).hosts[0]
+    """hsts: false and hpkp: false are accepted shorthands; insecure_plain_http: true
+    switches the redirect off."""
+    host = parse(hsts=False, hpkp=False, insecure_plain_http=True).hosts[0]
     assert not host.hsts.enabled
     assert host.hpkp is None
     assert not host.redirect.enabled
@@ -269,9 +270,10 @@ def test_extra_header_mistakes(headers: Any, line: str) -> None:
 def test_acme_section_mistakes() -> None:
     """acme.webroot must be a path; unknown acme keys list the allowed ones."""
     doc = document(webroot="")
-    doc["acme"] = {"webroot": 5, "directory": "x"}
+    doc["acme"] = {"webroot": 5, "dns_provider": "x"}
     assert errors(doc) == [
-        "proxy.yaml: acme.directory: unknown key; allowed keys are: webroot",
+        "proxy.yaml: acme.dns_provider: unknown key; allowed keys are: webroot, directory, "
+        "email, agree_tos, state_dir, ca_bundle, key_type, challenges, retry_initial, retry_max",
         "proxy.yaml: acme.webroot: must be a string, not a number",
         "proxy.yaml: hosts.example.com.webroot: must not be empty",
     ]

@@ -17,9 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
-from twisted.web.resource import Resource
 
-from tlsproxy.config import Config, parse_config
+from tlsproxy.config import Backend, Config, parse_config
+from tlsproxy.errors import ConfigError
 from tlsproxy.plain import (
     MAX_CHALLENGE_FILE,
     MAX_REQUEST_BODY,
@@ -31,6 +31,7 @@ from tlsproxy.plain import (
     redirect_location,
     valid_token,
 )
+from tlsproxy.routing import PlainRouter
 
 TOKEN = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"
 KEY_AUTHORIZATION = TOKEN + ".9jg46WB3rR_AHD-EBXdN7cBkH1WOu0tA3M9fm21mqTI"
@@ -525,35 +526,40 @@ def test_location_is_always_on_our_host_and_a_valid_header(path: bytes) -> None:
     assert all(0x21 <= b <= 0x7E for b in location)
 
 
-# -- redirect: false ----------------------------------------------------------------------
+# -- insecure_plain_http: routing on the plain port ---------------------------------------
 
 
-class _Recorder(Resource):
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[bytes] = []
-
-    def render(self, request: Any) -> bytes:
-        self.seen.append(request.uri)
-        return b"from the backend"
+LOCAL = Backend("http", "127.0.0.1", 1080)
 
 
-def test_redirect_false_hands_the_host_to_the_insecure_proxy(tokens: ChallengeTokens) -> None:
-    """With redirect: false, plain requests for that host go to the insecure proxy."""
-    recorder = _Recorder()
-    site = make_plain_site(config(redirect=False), tokens, insecure_proxy=recorder)
-    response = request(site, "/page?x=1")
-    assert (response.status, response.body) == (200, b"from the backend")
-    assert recorder.seen == [b"/page?x=1"]
-    assert request(site, "/", host="other.example").status == 301
+def test_plain_router_sends_insecure_hosts_to_their_backend_but_keeps_challenges() -> None:
+    """With insecure_plain_http: true, plain requests for that host (and its aliases) go to its
+    backend, its ACME challenges and every other host's requests to the port-80 service."""
+    router = PlainRouter(config(insecure_plain_http=True), LOCAL)
+    assert router(None, b"example.com", b"/page?x=1").backend == Backend("http", "127.0.0.1", 8000)
+    assert router(None, b"www.example.com:80", b"/").backend.port == 8000
+    challenge = b"/.well-known/acme-challenge/abc"
+    assert router(None, b"example.com", challenge).backend == LOCAL
+    assert router(None, b"other.example", b"/").backend == LOCAL
+    assert router(None, b"unknown.example", b"/").backend == LOCAL
+    assert router(None, None, b"/").backend == LOCAL
+    assert not router(None, b"example.com", b"/").headers.set  # never HSTS over plain HTTP
 
 
-def test_redirect_false_without_a_proxy_is_503(tokens: ChallengeTokens) -> None:
-    """Without an insecure proxy wired in, such hosts get 503 rather than a redirect."""
-    site = make_plain_site(config(redirect=False), tokens)
-    assert request(site, "/").status == 503
+def test_plain_router_without_insecure_hosts_sends_everything_to_the_service() -> None:
+    """By default every plain-HTTP request is answered by the port-80 service."""
+    router = PlainRouter(config(), LOCAL)
+    assert router(None, b"example.com", b"/").backend == LOCAL
+
+
+def test_redirect_false_is_refused_in_favour_of_the_insecure_name() -> None:
+    """``redirect: false`` is a config error that names the explicit insecure option."""
+    with pytest.raises(ConfigError) as exc:
+        config(redirect=False)
+    assert "proxy.yaml: hosts.example.com.redirect: to send this host's plain-HTTP requests" in str(
+        exc.value
+    )
+    assert "insecure_plain_http: true" in str(exc.value)
 
 
 # -- request bodies -----------------------------------------------------------------------
@@ -622,14 +628,15 @@ def test_https_port_is_taken_from_the_first_https_listener(
 
 
 def test_plain_problems_warn_about_insecure_hosts_and_missing_webroots(tmp_path: Path) -> None:
-    """redirect: false, a webroot that is not a directory and a guessed port are warned about."""
-    doc = document(redirect=False, webroot=str(tmp_path / "missing"))
+    """insecure_plain_http, a webroot that is not a directory and a guessed port are warned
+    about."""
+    doc = document(insecure_plain_http=True, webroot=str(tmp_path / "missing"))
     doc["acme"] = {"webroot": str(tmp_path)}
     doc["listen"]["https"] = ["systemd:domain=INET:index=0"]
     problems = plain_problems(config(doc))
     assert all(p.warning for p in problems)
     rendered = [p.render("proxy.yaml") for p in problems]
-    assert any("hosts.example.com.redirect: redirect: false is INSECURE" in r for r in rendered)
+    assert any("hosts.example.com.insecure_plain_http: INSECURE" in r for r in rendered)
     assert any(r.startswith("proxy.yaml: hosts.example.com.webroot: ") for r in rendered)
     assert not any("acme.webroot" in r for r in rendered)
     assert any(
@@ -640,6 +647,6 @@ def test_plain_problems_warn_about_insecure_hosts_and_missing_webroots(tmp_path:
 
 def test_plain_problems_are_empty_without_a_plain_listener() -> None:
     """Without listen.http there is nothing to warn about."""
-    doc = document(redirect=False)
+    doc = document(insecure_plain_http=True)
     del doc["listen"]["http"]
     assert plain_problems(config(doc)) == []

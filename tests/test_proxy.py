@@ -1088,9 +1088,11 @@ def test_path_prefix_routes_on_one_keep_alive_connection() -> None:
     assert parse_requests(h.backends[-1].take())[0].target == b"/ws/chat"
     h.exchange(client, request(b"GET", b"/page"), response(200, b"page"))
     assert h.backends[-1].t.host.port == BACKEND.port
-    h.exchange(client, request(b"GET", b"/ws/again"), response(200, b"ws"))
+    client.send(request(b"GET", b"/ws/again"))
+    h.pump()
     assert [b.t.host.port for b in h.backends] == [OTHER_BACKEND.port, BACKEND.port]
-    assert len(parse_requests(h.backends[0].take())) == 1  # the pooled connection reused
+    [again] = parse_requests(h.backends[0].take())  # the pooled connection, reused
+    assert again.target == b"/ws/again"
     assert h.router_calls == [(None, b"example.com")]
 
 
@@ -1106,3 +1108,22 @@ def test_preserve_host_false_sends_backend_host() -> None:
     assert seen.header_all(b"Host") == [b"10.0.0.2:8080"]
     assert seen.header(b"X-Forwarded-Host") == b"Example.com:443"
     assert seen.header(b"Forwarded") == b'for=192.0.2.7;proto=https;host="Example.com:443"'
+
+
+def test_route_cache_follows_the_host_of_each_request(h: Harness) -> None:
+    """On one keep-alive connection, requests for different sites go to their own
+    backends: the cached site is only reused for the same Host."""
+    client, _ = h.client()
+    h.exchange(client, request(host=b"example.com"), response(200, b"a"))
+    h.exchange(client, request(host=b"other.example"), response(200, b"b"))
+    h.exchange(client, request(host=b"other.example"), response(200, b"b"))
+    client.send(request(host=b"example.com"))
+    h.pump()
+    assert [b.t.host.port for b in h.backends] == [BACKEND.port, OTHER_BACKEND.port]
+    assert len(parse_requests(h.backends[0].take())) == 2
+    assert len(parse_requests(h.backends[1].take())) == 2
+    assert h.router_calls == [
+        (None, b"example.com"),
+        (None, b"other.example"),
+        (None, b"example.com"),
+    ]

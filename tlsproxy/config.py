@@ -153,8 +153,8 @@ class RedirectSettings:
     ``enabled`` (the default) redirects to HTTPS with ``status`` for GET and HEAD
     and ``other_status`` for other methods; ``https_port`` overrides the port
     put in ``Location`` (default: the first ``listen.https`` port).  With
-    ``enabled`` False (``redirect: false``) the host is proxied over plain HTTP,
-    which is insecure.
+    ``enabled`` False (``insecure_plain_http: true``) the host is proxied over
+    plain HTTP, which is insecure.
     """
 
     enabled: bool = True
@@ -174,12 +174,41 @@ class ExtraHeaders:
     remove: tuple[str, ...] = ()
 
 
+#: Named ACME directories accepted by ``acme.directory``.
+ACME_DIRECTORIES = {
+    "letsencrypt": "https://acme-v02.api.letsencrypt.org/directory",
+    "letsencrypt-staging": "https://acme-staging-v02.api.letsencrypt.org/directory",
+}
+#: ``acme.key_type`` values: the certificate keys each ACME host gets.
+ACME_KEY_TYPES = ("ecdsa", "rsa", "both")
+#: ``acme.challenges`` values, in the default order of preference.
+ACME_CHALLENGES = ("http-01", "tls-alpn-01")
+
+
 @attrs.frozen
 class AcmeSettings:
-    """The ``acme`` section: ``webroot`` is the directory whose
-    ``.well-known/acme-challenge/`` external ACME clients write tokens into."""
+    """The ``acme`` section.
+
+    ``webroot`` is the directory whose ``.well-known/acme-challenge/`` external
+    ACME clients write tokens into.  The rest drives the built-in client
+    (`tlsproxy.acme`) for hosts with ``acme: true``: ``directory`` is the
+    directory URL (named shortcuts resolved), ``agree_tos`` the explicit
+    agreement to the CA's terms, ``state_dir`` where the account and
+    certificates are kept, ``ca_bundle`` extra CA certificates trusted for the
+    directory's HTTPS, ``challenges`` the challenge types in order of
+    preference, ``retry_initial``/``retry_max`` the back-off bounds in seconds.
+    """
 
     webroot: str | None = None
+    directory: str = ACME_DIRECTORIES["letsencrypt"]
+    email: str | None = None
+    agree_tos: bool = False
+    state_dir: str | None = None
+    ca_bundle: str | None = None
+    key_type: str = "ecdsa"
+    challenges: tuple[str, ...] = ACME_CHALLENGES
+    retry_initial: float = 60.0
+    retry_max: float = 6 * 3600.0
 
 
 @attrs.frozen
@@ -189,6 +218,31 @@ class PathRoute:
 
     path: str
     backend: Backend
+
+
+#: ``client_auth.mode`` values: ``required`` refuses a handshake without a valid
+#: client certificate; ``optional`` verifies one if the client presents it.
+CLIENT_AUTH_MODES = ("required", "optional")
+
+
+@attrs.frozen
+class ClientAuth:
+    """A host's client-certificate authentication (``client_auth:``, mTLS).
+
+    ``ca`` is a PEM file of the CA certificates client certificates must chain
+    to; ``crl`` an optional PEM file of CRLs checked for the client certificate;
+    ``subject_header`` and ``fingerprint_header`` optional request headers that
+    carry the verified certificate's RFC 4514 subject and SHA-256 fingerprint
+    (hex) to the backend, besides RFC 9440 ``Client-Cert``/``Client-Cert-Chain``
+    (see `tlsproxy.clientauth`).  ``path`` is the key path used in messages.
+    """
+
+    ca: str
+    mode: str = "required"
+    crl: str | None = None
+    subject_header: str | None = None
+    fingerprint_header: str | None = None
+    path: str = ""
 
 
 #: The ``proxy:`` keys: engine limits and deadlines (`tlsproxy.proxy.ProxySettings`
@@ -238,11 +292,32 @@ class HostConfig:
     #: Send the client's ``Host`` to the backend (True) or the backend's own
     #: ``host:port`` (False; ``X-Forwarded-Host`` still carries the original).
     preserve_host: bool = True
+    #: Obtain and renew the certificate through the built-in ACME client
+    #: (`tlsproxy.acme`); ``certificates`` may then be empty.
+    acme: bool = False
+    #: Client-certificate authentication (mTLS), or None: no certificate asked for.
+    client_auth: ClientAuth | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
         """The canonical name followed by the aliases."""
         return (self.name, *self.aliases)
+
+
+@attrs.frozen
+class AccessLogSettings:
+    """``access_log:``: one line per request to ``path`` (``-``: standard output)."""
+
+    path: str
+    #: ``combined`` (nginx's) or ``json``.
+    format: str = "combined"
+
+
+@attrs.frozen
+class MetricsSettings:
+    """``metrics:``: a Prometheus endpoint on its own listener (an endpoint string)."""
+
+    listen: str
 
 
 @attrs.frozen
@@ -258,6 +333,14 @@ class Config:
     #: The ``proxy:`` values given, by `PROXY_KEYS` name (``max_body_bytes``
     #: may be None: unlimited); absent keys keep the engine's defaults.
     proxy: tuple[tuple[str, float | int | None], ...] = ()
+    #: Seconds between checks of the config and certificate files for changes
+    #: (then reloaded as on SIGHUP); 0 turns the watch off.
+    watch_interval: float = 0
+    #: ``access_log:``, ``metrics:`` (None: off).
+    access_log: AccessLogSettings | None = None
+    metrics: MetricsSettings | None = None
+    #: Seconds in-flight requests get to finish after SIGTERM.
+    drain_timeout: float = 10.0
 
     def host(self, name: str) -> HostConfig:
         """The host whose canonical name is ``name``.
@@ -347,7 +430,18 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-_TOP_KEYS = ("listen", "tls", "default_host", "hosts", "acme", "proxy")
+_TOP_KEYS = (
+    "listen",
+    "tls",
+    "default_host",
+    "hosts",
+    "acme",
+    "proxy",
+    "watch_interval",
+    "access_log",
+    "metrics",
+    "drain_timeout",
+)
 _LISTEN_KEYS = ("https", "http")
 _TLS_KEYS = (
     "profile",
@@ -365,10 +459,13 @@ _HOST_KEYS = (
     "hsts",
     "hpkp",
     "redirect",
+    "insecure_plain_http",
     "headers",
     "webroot",
     "routes",
     "preserve_host",
+    "acme",
+    "client_auth",
 )
 _CERT_KEYS = ("key", "cert", "chain")
 
@@ -454,7 +551,9 @@ def _parse_host(
     c: _Checker, name: str, value: object, path: str, claims: list[tuple[str, str]]
 ) -> HostConfig | None:
     """Check one site; append ``(alias, key path)`` to ``claims`` for each valid alias."""
-    doc = c.mapping(value, path, _HOST_KEYS, required=("certificates", "backend"))
+    acme_flag = isinstance(value, Mapping) and value.get("acme") is True
+    required = ("backend",) if acme_flag else ("certificates", "backend")
+    doc = c.mapping(value, path, _HOST_KEYS, required=required)
     if doc is None:
         return None
     aliases: list[str] = []
@@ -491,6 +590,28 @@ def _parse_host(
         preserve = c.boolean(doc["preserve_host"], _join(path, "preserve_host"))
         if preserve is not None:
             policy["preserve_host"] = preserve
+    if "acme" in doc:
+        acme = c.boolean(doc["acme"], _join(path, "acme"))
+        if acme:
+            policy["acme"] = True
+            certificates = certificates or ()
+            for alias in aliases:
+                if alias.startswith("*."):
+                    c.error(
+                        _join(path, "acme"),
+                        f"the alias {alias} is a wildcard, which needs a dns-01 challenge; "
+                        f"tlsproxy answers http-01 and tls-alpn-01 only",
+                    )
+    if "client_auth" in doc:
+        client_auth = _parse_client_auth(c, doc["client_auth"], _join(path, "client_auth"))
+        if client_auth is not None:
+            policy["client_auth"] = client_auth
+        if doc.get("insecure_plain_http") is True:
+            c.error(
+                _join(path, "client_auth"),
+                "a host with client certificates cannot also be served over plain HTTP "
+                "(insecure_plain_http), which would bypass them",
+            )
     if certificates is None or backend is None or routes is None:
         return None
     return HostConfig(
@@ -501,6 +622,44 @@ def _parse_host(
         routes=routes,
         **policy,
     )
+
+
+_CLIENT_AUTH_KEYS = ("ca", "mode", "crl", "subject_header", "fingerprint_header")
+#: Request headers ``client_auth.subject_header`` may not name (the proxy's own).
+_RESERVED_REQUEST_HEADERS = ("host", "client-cert", "client-cert-chain", "forwarded")
+
+
+def _parse_client_auth(c: _Checker, value: object, path: str) -> ClientAuth | None:
+    doc = c.mapping(value, path, _CLIENT_AUTH_KEYS, required=("ca",))
+    if doc is None or "ca" not in doc:
+        return None
+    ca = c.string(doc["ca"], _join(path, "ca"))
+    mode = c.choice(doc["mode"], _join(path, "mode"), CLIENT_AUTH_MODES) if "mode" in doc else None
+    crl = c.string(doc["crl"], _join(path, "crl")) if "crl" in doc else None
+    headers: dict[str, str | None] = {}
+    ok = True
+    for key in ("subject_header", "fingerprint_header"):
+        if key not in doc:
+            continue
+        hpath = _join(path, key)
+        header = _header_name(c, doc[key], hpath)
+        if header is not None and (
+            header.lower() in _RESERVED_REQUEST_HEADERS
+            or header.lower().startswith("x-forwarded-")
+            or "_" in header
+        ):
+            c.error(hpath, f"{header} is a header the proxy manages; choose another name")
+            header = None
+        if header is not None and header.lower() in {
+            h.lower() for h in headers.values() if h is not None
+        }:
+            c.error(hpath, f"{header} is already the other header's name")
+            header = None
+        ok = ok and header is not None
+        headers[key] = header
+    if not ok or ca is None or ("mode" in doc and mode is None) or ("crl" in doc and crl is None):
+        return None
+    return ClientAuth(ca=ca, mode=mode or "required", crl=crl, path=path, **headers)
 
 
 _ROUTE_KEYS = ("path", "backend")
@@ -579,7 +738,19 @@ def _parse_hosts(c: _Checker, value: object) -> tuple[HostConfig, ...]:
 
 # -- port 80 and response headers (issue 4) ---------------------------------------------
 
-_ACME_KEYS = ("webroot",)
+_ACME_KEYS = (
+    "webroot",
+    "directory",
+    "email",
+    "agree_tos",
+    "state_dir",
+    "ca_bundle",
+    "key_type",
+    "challenges",
+    "retry_initial",
+    "retry_max",
+)
+_EMAIL = re.compile(r"^[^@\s:]+@[^@\s:]+\.[^@\s:]+$")
 _HSTS_KEYS = ("max_age", "include_subdomains", "preload")
 _HPKP_KEYS = ("backup_pins", "max_age", "include_subdomains", "report_uri", "report_only")
 _REDIRECT_KEYS = ("status", "other_status", "https_port")
@@ -619,7 +790,87 @@ def _parse_acme(c: _Checker, value: object) -> AcmeSettings:
     if doc is None:
         return AcmeSettings()
     webroot = c.string(doc["webroot"], "acme.webroot") if "webroot" in doc else None
-    return AcmeSettings(webroot=webroot)
+    values: dict[str, Any] = {}
+    if "directory" in doc:
+        raw = c.string(doc["directory"], "acme.directory")
+        if raw is not None:
+            url = ACME_DIRECTORIES.get(raw, raw)
+            parsed = urlsplit(url)
+            if parsed.scheme != "https" or not parsed.hostname:
+                c.error(
+                    "acme.directory",
+                    f"must be an https:// URL or one of {', '.join(ACME_DIRECTORIES)}, not {raw!r}",
+                )
+            else:
+                values["directory"] = url
+    if "email" in doc:
+        email = c.string(doc["email"], "acme.email")
+        if email is not None and not _EMAIL.match(email):
+            c.error("acme.email", f"must be an e-mail address, not {email!r}")
+        elif email is not None:
+            values["email"] = email
+    if "agree_tos" in doc:
+        agree = c.boolean(doc["agree_tos"], "acme.agree_tos")
+        if agree is not None:
+            values["agree_tos"] = agree
+    for key in ("state_dir", "ca_bundle"):
+        if key in doc:
+            text = c.string(doc[key], f"acme.{key}")
+            if text is not None:
+                values[key] = text
+    if "key_type" in doc:
+        key_type = c.choice(doc["key_type"], "acme.key_type", ACME_KEY_TYPES)
+        if key_type is not None:
+            values["key_type"] = key_type
+    if "challenges" in doc:
+        kinds = c.items(
+            doc["challenges"],
+            "acme.challenges",
+            lambda v, p: c.choice(v, p, ACME_CHALLENGES),
+        )
+        if kinds == ():
+            c.error("acme.challenges", f"must list at least one of {', '.join(ACME_CHALLENGES)}")
+        elif kinds is not None:
+            values["challenges"] = tuple(dict.fromkeys(kinds))
+    for key, low, high in (("retry_initial", 1, 86400), ("retry_max", 1, 7 * 86400)):
+        if key in doc:
+            number = doc[key]
+            if not isinstance(number, int | float) or isinstance(number, bool):
+                c.error(f"acme.{key}", f"must be a number of seconds, not {_kind(number)}")
+            elif not low <= number <= high:
+                c.error(f"acme.{key}", f"must be from {low} to {high} seconds, not {number}")
+            else:
+                values[key] = float(number)
+    if values.get("retry_initial", 60.0) > values.get("retry_max", 6 * 3600.0):
+        c.error("acme.retry_initial", "must not be greater than acme.retry_max")
+    return AcmeSettings(webroot=webroot, **values)
+
+
+def _check_acme_hosts(
+    c: _Checker, acme: AcmeSettings, hosts: Sequence[HostConfig], listen: Listen
+) -> None:
+    """Hosts with ``acme: true`` need the terms agreed to, a state directory and
+    a listener for one of the challenges."""
+    managed = [h.name for h in hosts if h.acme]
+    if not managed:
+        return
+    if not listen.http and acme.challenges == ("http-01",):
+        c.error(
+            "acme.challenges",
+            "http-01 needs a port-80 listener (listen.http); add one or allow tls-alpn-01",
+        )
+    if not acme.agree_tos:
+        c.error(
+            "acme.agree_tos",
+            f"must be true to obtain certificates for {', '.join(managed)} (it agrees to "
+            f"the terms of service of {acme.directory})",
+        )
+    if acme.state_dir is None:
+        c.error(
+            "acme.state_dir",
+            f"is required for {', '.join(managed)}: the directory where the ACME account "
+            f"and certificates are kept (for example /var/lib/tlsproxy/acme)",
+        )
 
 
 def _parse_hsts(c: _Checker, value: object, path: str) -> HSTSSettings:
@@ -697,8 +948,15 @@ def _parse_hpkp(c: _Checker, value: object, path: str) -> HPKPSettings | None:
 
 
 def _parse_redirect(c: _Checker, value: object, path: str) -> RedirectSettings:
-    if isinstance(value, bool):
-        return RedirectSettings(enabled=value)
+    if value is True:
+        return RedirectSettings()
+    if value is False:
+        c.error(
+            path,
+            "to send this host's plain-HTTP requests to its backend unencrypted instead of "
+            "redirecting them, set insecure_plain_http: true (it is insecure)",
+        )
+        return RedirectSettings()
     doc = c.mapping(value, path, _REDIRECT_KEYS)
     if doc is None:
         return RedirectSettings()
@@ -778,6 +1036,12 @@ def _parse_site_policy(c: _Checker, doc: Mapping[str, Any], path: str) -> dict[s
         out["hpkp"] = _parse_hpkp(c, doc["hpkp"], _join(path, "hpkp"))
     if "redirect" in doc:
         out["redirect"] = _parse_redirect(c, doc["redirect"], _join(path, "redirect"))
+    if "insecure_plain_http" in doc:
+        key = _join(path, "insecure_plain_http")
+        if c.boolean(doc["insecure_plain_http"], key) and "redirect" in doc:
+            c.error(key, "a host proxied over plain HTTP has no redirect; remove redirect")
+        elif doc["insecure_plain_http"] is True:
+            out["redirect"] = RedirectSettings(enabled=False)
     if "headers" in doc:
         out["headers"] = _parse_headers(c, doc["headers"], _join(path, "headers"))
     if "webroot" in doc:
@@ -806,6 +1070,23 @@ def parse_config(document: object, source: str) -> Config:
     acme = _parse_acme(c, doc["acme"]) if "acme" in doc else AcmeSettings()
     hosts = _parse_hosts(c, doc["hosts"]) if "hosts" in doc else ()
     proxy = _parse_proxy(c, doc["proxy"]) if "proxy" in doc else ()
+    watch_interval: float = 0
+    if "watch_interval" in doc:
+        value = doc["watch_interval"]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            c.error("watch_interval", f"must be a number of seconds (0: off), not {value!r}")
+        else:
+            watch_interval = value
+    access_log = _parse_access_log(c, doc["access_log"]) if "access_log" in doc else None
+    metrics = _parse_metrics(c, doc["metrics"]) if "metrics" in doc else None
+    drain_timeout = 10.0
+    if "drain_timeout" in doc:
+        value = doc["drain_timeout"]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            c.error("drain_timeout", f"must be a number of seconds (0: none), not {value!r}")
+        else:
+            drain_timeout = float(value)
+    _check_acme_hosts(c, acme, hosts, listen)
     default_host = hosts[0].name if hosts else ""
     if "default_host" in doc:
         raw = c.string(doc["default_host"], "default_host")
@@ -834,7 +1115,30 @@ def parse_config(document: object, source: str) -> Config:
         hosts=hosts,
         acme=acme,
         proxy=proxy,
+        watch_interval=watch_interval,
+        access_log=access_log,
+        metrics=metrics,
+        drain_timeout=drain_timeout,
     )
+
+
+def _parse_access_log(c: _Checker, value: object) -> AccessLogSettings | None:
+    doc = c.mapping(value, "access_log", ("path", "format"), required=("path",))
+    if doc is None or "path" not in doc:
+        return None
+    path = c.string(doc["path"], "access_log.path")
+    fmt = c.choice(doc.get("format", "combined"), "access_log.format", ("combined", "json"))
+    if path is None or fmt is None:
+        return None
+    return AccessLogSettings(path=path, format=fmt)
+
+
+def _parse_metrics(c: _Checker, value: object) -> MetricsSettings | None:
+    doc = c.mapping(value, "metrics", ("listen",), required=("listen",))
+    if doc is None or "listen" not in doc:
+        return None
+    listen = c.string(doc["listen"], "metrics.listen")
+    return MetricsSettings(listen=listen) if listen is not None else None
 
 
 _SIZE = re.compile(r"^\s*([0-9]+)\s*([KMG]?)(?:i?B)?\s*$", re.IGNORECASE)

@@ -41,6 +41,10 @@ def parse_endpoints(
     for i, description in enumerate(descriptions):
         try:
             endpoints.append(serverFromString(reactor, description))
+        except IndexError:
+            reason = "no socket with that index was passed in by systemd (see LISTEN_FDS)"
+            problems.append(Problem(f"{path}[{i}]", reason))
+            continue
         except (ValueError, TypeError, KeyError) as exc:
             reason = str(exc) or type(exc).__name__
             problems.append(Problem(f"{path}[{i}]", f"not a valid endpoint ({reason})"))

@@ -6,8 +6,9 @@ from the tokens tlsproxy's own ACME client published in memory
 ``acme.webroot``, where external clients (``certbot --webroot -w DIR``) write
 ``DIR/.well-known/acme-challenge/<token>``.  Every other request for a
 configured host is redirected to the same path and query on HTTPS (301 for
-GET/HEAD, 308 otherwise, configurable per host).  A host with
-``redirect: false`` is handed to the ``insecure_proxy`` resource instead.
+GET/HEAD, 308 otherwise, configurable per host).  The proxy engine on the
+plain port sends requests here (see `tlsproxy.routing.PlainRouter`), except
+those of hosts with ``insecure_plain_http: true``, which it proxies itself.
 
 What this module must not do:
 
@@ -262,7 +263,6 @@ class PlainResource(Resource):
         config: Config,
         tokens: ChallengeTokens,
         https_port: int | None,
-        insecure_proxy: IResource | None = None,
     ) -> None:
         Resource.__init__(self)
         self._hosts: HostTable[HostConfig] = HostTable()
@@ -272,7 +272,6 @@ class PlainResource(Resource):
         self._tokens = tokens
         self._webroot = config.acme.webroot
         self._https_port = https_port or 443
-        self._insecure_proxy = insecure_proxy
 
     def render(self, request: WebRequest) -> bytes | int:
         request.responseHeaders.removeHeader(b"server")
@@ -287,12 +286,6 @@ class PlainResource(Resource):
                 raise _BadRequest(404, "no site is configured for this host")
         except _BadRequest as exc:
             return _text(request, exc.status, exc.message)
-        if not host.redirect.enabled:
-            if self._insecure_proxy is None:
-                return _text(request, 503, "plain-HTTP proxying is not available")
-            proxy: Any = self._insecure_proxy
-            rendered: bytes | int = proxy.render(request)
-            return rendered
         status = host.redirect.status if method in (b"GET", b"HEAD") else host.redirect.other_status
         location = redirect_location(host_name, host.redirect.https_port or self._https_port, path)
         request.setResponseCode(status)
@@ -388,16 +381,12 @@ class PlainSite(Site):
 
 
 def plain_resource(
-    config: Config,
-    tokens: ChallengeTokens,
-    https_port: int | None = None,
-    *,
-    insecure_proxy: IResource | None = None,
+    config: Config, tokens: ChallengeTokens, https_port: int | None = None
 ) -> PlainResource:
     """The resource answering every plain-HTTP request (see `make_plain_site`)."""
     if https_port is None:
         https_port = https_port_from_endpoints(config.listen.https)
-    return PlainResource(config, tokens, https_port, insecure_proxy)
+    return PlainResource(config, tokens, https_port)
 
 
 def make_plain_site(
@@ -405,18 +394,16 @@ def make_plain_site(
     tokens: ChallengeTokens,
     https_port: int | None = None,
     *,
-    insecure_proxy: IResource | None = None,
     reactor: Any = None,
 ) -> Site:
-    """The protocol factory for every ``listen.http`` endpoint.
+    """The port-80 service as a twisted.web site (the proxy engine in front of it
+    forwards plain-HTTP requests to it over loopback).
 
     :param https_port: the HTTPS port put in redirects (omitted when 443);
         default: `https_port_from_endpoints` of ``config.listen.https``, else
         443.  A host's ``redirect.https_port`` overrides it.
-    :param insecure_proxy: the resource that proxies hosts with
-        ``redirect: false``; without one, they get 503.
     """
-    resource = plain_resource(config, tokens, https_port, insecure_proxy=insecure_proxy)
+    resource = plain_resource(config, tokens, https_port)
     if reactor is None:
         return PlainSite(resource)
     return PlainSite(resource, reactor=reactor)
@@ -425,7 +412,7 @@ def make_plain_site(
 def plain_problems(config: Config) -> list[Problem]:
     """Start-up warnings about the plain-HTTP service's configuration.
 
-    Hosts proxied over plain HTTP (``redirect: false``), webroots that are not
+    Hosts proxied over plain HTTP (``insecure_plain_http``), webroots that are not
     directories, and redirects whose HTTPS port had to be guessed.
     """
     problems: list[Problem] = []
@@ -448,9 +435,9 @@ def plain_problems(config: Config) -> list[Problem]:
         if not host.redirect.enabled:
             problems.append(
                 Problem(
-                    f"hosts.{host.name}.redirect",
-                    "redirect: false is INSECURE: plain-HTTP requests for this host are "
-                    "proxied unencrypted instead of being redirected to HTTPS",
+                    f"hosts.{host.name}.insecure_plain_http",
+                    "INSECURE: plain-HTTP requests for this host are proxied unencrypted "
+                    "instead of being redirected to HTTPS",
                     warning=True,
                 )
             )

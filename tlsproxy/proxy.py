@@ -34,6 +34,7 @@ import collections
 import contextlib
 import functools
 import re
+from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 import attrs
@@ -53,7 +54,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tlsproxy import forwarding
+from tlsproxy import clientauth, forwarding
+from tlsproxy.accesslog import Entry
+from tlsproxy.config import ClientAuth
 from tlsproxy.headers import HeaderPolicy
 from tlsproxy.upstream import (
     INFINITY,
@@ -90,8 +93,10 @@ class ProxySettings:
     """Timeouts and limits of the proxy engine (client side and backend pool).
 
     Times are in seconds, sizes in bytes.  Defaults follow nginx and HAProxy
-    where they have one.  Deadlines are checked every ``sweep_interval``
-    seconds, so each may fire up to that much late.
+    where they have one.  Users set them in the configuration's ``proxy:``
+    section under the same names (``tlsproxy.config.PROXY_KEYS``).  Deadlines
+    are checked every ``sweep_interval`` seconds, so each may fire up to that
+    much late.
     """
 
     #: Time allowed for a whole request head, from its first byte (nginx
@@ -159,6 +164,10 @@ class RouteLike(Protocol):
     def host_header(self) -> bytes | None:
         """The ``Host`` to send the backend instead of the client's, or None."""
 
+    @property
+    def client_auth(self) -> ClientAuth | None:
+        """The site's client-certificate settings, or None."""
+
 
 class RouteTableLike(Protocol):
     """One site's routes (``tlsproxy.routing.RouteTable``)."""
@@ -177,6 +186,7 @@ class Router(Protocol):
         the request's ``Host`` without its port, as sent (not case-folded, IPv6
         in brackets).  A connection caches the answer per (router, ``Host``).
         """
+
 
 # Why reading from the client is paused (bits of ProxyProtocol._paused).
 _PAUSE_PIPELINE = 1  # a request is in flight; later pipelined requests wait
@@ -396,6 +406,8 @@ class ProxyProtocol(TwistedProtocol):
         self._fwd: forwarding.ForwardingContext | None = None
         self._client = "-"
         self._sni: Any = _UNSET
+        # the client-certificate headers of this connection, for _client_identity
+        self._identity: tuple[ClientAuth, bytes | None] | None = None
         # the last site looked up on this connection (keep-alive reuses it)
         self._route_host: bytes | None = None
         self._route_router: Router | None = None
@@ -445,6 +457,12 @@ class ProxyProtocol(TwistedProtocol):
         self._rclose_token = False
         self._close_after = False
         self._raw_head: bytearray | None = None
+        # for the factory's on_request report: when the exchange started, the
+        # final status answered, body bytes relayed, and (once) TLS version/cipher
+        self._started = 0.0
+        self._rstatus = 0
+        self._rsent = 0
+        self._tls: tuple[str | None, str | None] | None = None
 
     # ------------------------------------------------------------------ Protocol
 
@@ -718,6 +736,8 @@ class ProxyProtocol(TwistedProtocol):
         self._rheaders = []
         self._rhead_raw = 0
         self._close_after = False
+        self._started = self._clock.seconds()
+        self._rstatus = self._rsent = 0
         if r.error is not None:
             self._local_response(r.error[0], r.error[1], close=True)
             return
@@ -738,12 +758,28 @@ class ProxyProtocol(TwistedProtocol):
             return
         r.route = route = table.route(r.target)
         assert self._fwd is not None
+        identity = b""
+        if route.client_auth is not None:
+            found = self._client_identity(route.client_auth)
+            if found is None:
+                log.info(
+                    "{client}: no verified client certificate for {site}: 421",
+                    client=self._client,
+                    site=route.site,
+                )
+                self._local_response(421, "", quiet=True)
+                return
+            identity = found
+            strip = clientauth.stripped_headers(route.client_auth)
+            if strip:
+                r.forward = [(n, v) for n, v in r.forward if n.lower() not in strip]
         parts = [r.method, b" ", r.target, b" HTTP/1.1\r\n"]
         host_header = route.host_header
         if host_header is not None:
             r.forward = [(n, host_header) if n.lower() == b"host" else (n, v) for n, v in r.forward]
         parts.append(forwarding.serialize(r.forward))
         parts.append(self._fwd.block(r.host))
+        parts.append(identity)
         if r.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         elif r.length is not None:
@@ -831,6 +867,8 @@ class ProxyProtocol(TwistedProtocol):
     def _finish_exchange(self, close: bool) -> None:
         """The response to the current request is complete (written or queued)."""
         r = self._current
+        if r is not None and self._factory.on_request is not None:
+            self._report(r)
         self._rstate = _R_IDLE
         if close or r is None:
             self._current = None
@@ -861,6 +899,8 @@ class ProxyProtocol(TwistedProtocol):
                 "{client}: {status} {reason}", client=self._client, status=status, reason=reason
             )
         self._cout = []
+        self._rstatus = status
+        self._rsent = 0 if head_only else len(str(status)) + len(_PHRASES.get(status, "Error")) + 2
         route = r.route if r is not None else None
         policy = route.headers if route is not None else self._factory.unrouted_headers
         self._t.write(_error_bytes(status, close, head_only, policy.set_bytes))
@@ -885,6 +925,10 @@ class ProxyProtocol(TwistedProtocol):
         # A TLS transport only shuts down once no producer is registered.
         self._t.unregisterProducer()
         self._t.loseConnection()
+        # Twisted's TLS layer closes the socket only once it has read the
+        # client's close_notify or EOF: keep reading (dataReceived discards
+        # what comes after _stopped), bounded by the deadline below.
+        self._t.resumeProducing()
         self._deadline = self._clock.seconds() + self._settings.client_send_timeout
 
     # ------------------------------------------------------- parse failures
@@ -1127,6 +1171,8 @@ class ProxyProtocol(TwistedProtocol):
             self._local_response(status, why, close=client_fault, quiet=not client_fault)
         else:
             # Part of the response is out: the client must see it cut short.
+            if self._current is not None and self._factory.on_request is not None:
+                self._report(self._current)
             self._close()
 
     def _log_failure(self, why: str, status: int | None = None) -> None:
@@ -1191,6 +1237,7 @@ class ProxyProtocol(TwistedProtocol):
             raise _Reject(502, f"invalid status {status}")
         if scan.problem is not None:
             raise _Reject(502, scan.problem)
+        self._rstatus = status
         self._r_until_close = False
         if r.method == b"HEAD" or status == 204 or status == 304:
             frame = _F_NONE
@@ -1233,6 +1280,7 @@ class ProxyProtocol(TwistedProtocol):
         self._rbody_seen = True
         if self._rstate != _R_BODY:
             return
+        self._rsent += len(data)
         if self._rframe == _F_CHUNKED:
             self._cout += (b"%x\r\n" % len(data), data, b"\r\n")
         else:
@@ -1307,6 +1355,9 @@ class ProxyProtocol(TwistedProtocol):
         self._splicing = True
         self._stopped = True
         self._deadline = INFINITY
+        if self._factory.on_request is not None:
+            self._rstatus = 101
+            self._report(r)
         backend.deadline = INFINITY
         if r.early:
             backend.write_sequence(r.early)
@@ -1338,6 +1389,87 @@ class ProxyProtocol(TwistedProtocol):
             self._pool.discard(backend)
         self._t.unregisterProducer()
         self._t.abortConnection()
+
+    def _report(self, r: _Request) -> None:
+        """Hand the finished exchange's facts to the factory's ``on_request``."""
+        tls = self._tls
+        if tls is None:
+            handle: Any = getattr(self._t, "getHandle", lambda: None)()
+            version = getattr(handle, "get_protocol_version_name", None)
+            cipher = getattr(handle, "get_cipher_name", None)
+            try:
+                tls = (version() if version else None, cipher() if cipher else None)
+            except Exception:
+                tls = (None, None)
+            self._tls = tls
+        referer = agent = None
+        for name, value in r.forward:
+            if len(name) == 7 and name.lower() == b"referer":
+                referer = value
+            elif len(name) == 10 and name.lower() == b"user-agent":
+                agent = value
+        route = r.route
+        now = self._clock.seconds()
+        on_request = self._factory.on_request
+        assert on_request is not None
+        on_request(
+            Entry(
+                time=self._started or now,
+                client=self._client,
+                method=r.method or b"-",
+                target=r.target or b"-",
+                protocol="HTTP/1.1" if r.http11 else "HTTP/1.0",
+                host=r.host,
+                status=self._rstatus,
+                bytes_sent=self._rsent,
+                duration=now - self._started if self._started else 0.0,
+                referer=referer,
+                user_agent=agent,
+                sni=self._server_name(),
+                tls_version=tls[0],
+                cipher=tls[1],
+                upstream=describe(route.backend) if route is not None else None,
+                site=route.site if route is not None else None,
+            )
+        )
+
+    def drain(self) -> None:
+        """Shutting down: close now if idle, else once the current request is answered.
+
+        Called again and again by :meth:`ProxyFactory.drain` until the
+        connection is gone, so a request still arriving is served first.
+        """
+        if self._closing or self._splicing:
+            return
+        r = self._current
+        if r is None and self._parsing is None and not self._pipeline:
+            self._close()
+        elif r is not None and r.complete and self._parsing is None:
+            self._stopped = True  # _next closes the connection after the pipeline
+
+    def _client_identity(self, auth: ClientAuth) -> bytes | None:
+        """The identity headers for a request to a site with ``auth``, or None.
+
+        None means the site requires a certificate and this connection has no
+        verified one (a resumed or misrouted connection); a site with
+        ``mode: optional`` gets empty headers then.  Computed once per
+        connection: the peer certificate cannot change (no renegotiation).
+        """
+        cached = self._identity
+        if cached is not None and cached[0] is auth:
+            return cached[1]
+        try:
+            handle = self._t.getHandle()  # type: ignore[attr-defined]
+        except Exception:
+            handle = None
+        leaf, chain = clientauth.verified_peer(handle)
+        block: bytes | None
+        if leaf is None:
+            block = None if auth.mode == "required" else b""
+        else:
+            block = clientauth.identity_block(auth, leaf, chain)
+        self._identity = (auth, block)
+        return block
 
     def _server_name(self) -> str | None:
         """The TLS SNI name the client sent, if any (read once, after the handshake)."""
@@ -1444,6 +1576,9 @@ class ProxyFactory(Factory):
         self.scheme = scheme
         self._connections: set[ProxyProtocol] = set()
         self._sweeper: LoopingCall | None = None
+        #: Called with an :class:`~tlsproxy.accesslog.Entry` as each response
+        #: completes (access log, metrics); None costs nothing per request.
+        self.on_request: Callable[[Entry], object] | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> ProxyProtocol:
         return ProxyProtocol(self)
@@ -1451,6 +1586,18 @@ class ProxyFactory(Factory):
     def connection_count(self) -> int:
         """Number of open client connections."""
         return len(self._connections)
+
+    def drain(self) -> int:
+        """Shutting down: close every connection once its current request is
+        answered (idle ones now).  Call it repeatedly; return how many remain."""
+        for proto in list(self._connections):
+            proto.drain()
+        return len(self._connections)
+
+    def abort_all(self) -> None:
+        """Drop every client connection now (the drain timeout has passed)."""
+        for proto in list(self._connections):
+            proto._abort()
 
     def _track(self, proto: ProxyProtocol) -> None:
         self._connections.add(proto)

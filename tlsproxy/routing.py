@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import attrs
 
-from tlsproxy.config import Backend, Config, HostConfig
+from tlsproxy.config import Backend, ClientAuth, Config, HostConfig
 from tlsproxy.headers import HeaderPolicies, HeaderPolicy
 from tlsproxy.hostnames import HostTable
 
@@ -42,6 +42,8 @@ class Route:
     backend: Backend
     headers: HeaderPolicy = attrs.field(factory=HeaderPolicy)
     host_header: bytes | None = None
+    #: The site's client-certificate settings, or None (see `tlsproxy.clientauth`).
+    client_auth: ClientAuth | None = None
 
 
 class RouteTable:
@@ -94,6 +96,7 @@ def site_table(host: HostConfig, headers: HeaderPolicy) -> RouteTable:
             backend=backend,
             headers=headers,
             host_header=None if host.preserve_host else _host_header(backend),
+            client_auth=host.client_auth,
         )
 
     prefixes = tuple((r.path.encode("ascii"), route(r.backend)) for r in host.routes)
@@ -116,15 +119,29 @@ class Router:
             table = site_table(host, headers)
             for pattern in host.names:
                 self._table.add(pattern, table)
+        #: Sites with client_auth; with none, requests are not bound to the SNI.
+        self._mtls = frozenset(h.name for h in config.hosts if h.client_auth is not None)
+        self._default_site = config.default_host
 
     def table(self, sni: str | None, host: bytes | None) -> RouteTable | None:
         """The routes of the site for this ``Host`` header (or, lacking one, SNI).
 
-        Returns None when no configured site matches.
+        Returns None when no configured site matches, and when the ``Host``
+        names a different site than the connection's TLS handshake was for
+        (the SNI's site, or the default host's without a matching SNI) while
+        either of the two has ``client_auth``: a connection authenticated for
+        one site, or not at all, never reaches a client-certificate site.
         """
-        if host:
-            return self._table.lookup(host_without_port(host))
-        return self._table.lookup(sni)
+        if not host:
+            return self._table.lookup(sni)
+        table = self._table.lookup(host_without_port(host))
+        if table is not None and self._mtls:
+            found = self._table.lookup(sni)
+            handshake_site = found.default.site if found is not None else self._default_site
+            site = table.default.site
+            if site != handshake_site and (site in self._mtls or handshake_site in self._mtls):
+                return None
+        return table
 
     def __call__(self, sni: str | None, host: bytes | None, path: bytes) -> Route | None:
         """The route for a request with this ``Host`` (or SNI) and target path.
@@ -133,3 +150,49 @@ class Router:
         """
         table = self.table(sni, host)
         return table.route(path) if table is not None else None
+
+
+#: Where ACME http-01 challenges are fetched; always answered by tlsproxy itself.
+ACME_CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
+
+
+#: A backend's HSTS and HPKP headers are removed from plain-HTTP responses.
+_PLAIN_HTTP_HEADERS = HeaderPolicy(
+    remove=frozenset(
+        {b"strict-transport-security", b"public-key-pins", b"public-key-pins-report-only"}
+    )
+)
+
+
+class PlainRouter:
+    """Routes requests arriving on the plain-HTTP port (``listen.http``).
+
+    Everything goes to ``local`` — tlsproxy's own port-80 service, which
+    answers ACME challenges and redirects to HTTPS — except the requests of
+    hosts with ``insecure_plain_http: true``, which go to their backends (by
+    their ``routes``) like HTTPS requests do, their ACME challenges excepted.
+    HSTS and HPKP are never sent over plain HTTP, not even a backend's own.
+    """
+
+    def __init__(self, config: Config, local: Backend) -> None:
+        self._local = RouteTable(Route(site="port-80 service", backend=local))
+        challenge = (ACME_CHALLENGE_PREFIX, self._local.default)
+        self._table: HostTable[RouteTable] = HostTable()
+        self.unrouted_headers = HeaderPolicy()
+        for host in config.hosts:
+            if host.redirect.enabled:
+                continue
+            site = site_table(host, _PLAIN_HTTP_HEADERS)
+            table = RouteTable(site.default, (*site.prefixes, challenge))
+            for pattern in host.names:
+                self._table.add(pattern, table)
+
+    def table(self, sni: str | None, host: bytes | None) -> RouteTable:
+        """The routes for this ``Host``: the site's for a plain-HTTP site, else the
+        port-80 service (which also answers unknown hosts)."""
+        found = self._table.lookup(host_without_port(host)) if host else None
+        return found if found is not None else self._local
+
+    def __call__(self, sni: str | None, host: bytes | None, path: bytes) -> Route:
+        """The route for a plain-HTTP request with this ``Host`` and target path."""
+        return self.table(sni, host).route(path)

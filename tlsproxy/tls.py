@@ -15,6 +15,12 @@ servername callback switches it to the named host's context by an in-memory
 lookup.  `SNIConnectionCreator.swap` installs a new `ServerContexts` on reload;
 existing connections keep the contexts they started with.
 
+`ChallengeCertificates` holds the tls-alpn-01 answers of the built-in ACME
+client (RFC 8737): when a ClientHello for a name with a pending challenge
+offers ALPN ``acme-tls/1``, the ALPN callback switches the connection to the
+challenge certificate's context and selects ``acme-tls/1``.  Other
+handshakes pay one membership test of the offered protocols.
+
 The name the client sent stays readable after the handshake: from a protocol
 over ``TLSMemoryBIOProtocol``, ``transport.getHandle().get_servername()``
 returns it as bytes (None when the client sent no SNI).
@@ -42,6 +48,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from tlsproxy.certs import CertifiedKey
+from tlsproxy.clientauth import configure_context, load_client_auth
 from tlsproxy.errors import Problem
 from tlsproxy.hostnames import HostTable
 from tlsproxy.profiles import TLSParameters, resolve
@@ -53,6 +60,8 @@ log = Logger()
 
 #: The only application protocol tlsproxy speaks, offered through ALPN.
 ALPN_HTTP11 = b"http/1.1"
+#: The ALPN protocol of ACME's tls-alpn-01 validation (RFC 8737).
+ALPN_ACME_TLS = b"acme-tls/1"
 #: Smallest accepted finite-field DH group (Mozilla intermediate), in bits.
 MIN_DH_BITS = 2048
 
@@ -62,6 +71,8 @@ _VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 # One session ID context for every context of a policy: the session cache and
 # ticket keys live in the connection's initial (default-host) context, and a
 # session must stay resumable after the servername callback switched contexts.
+# Hosts with client_auth have one of their own (tlsproxy.clientauth), so that a
+# session made for another host is never resumed on them without a certificate.
 _SESSION_ID_CONTEXT = b"tlsproxy"
 
 
@@ -214,7 +225,68 @@ def _select_alpn(
     return ALPN_HTTP11 if ALPN_HTTP11 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
-def _policy_context(params: TLSParameters) -> SSL.Context:
+class ChallengeCertificates:
+    """The tls-alpn-01 certificates being presented right now, by host name.
+
+    Filled by the ACME service from the reactor thread (`publish` before the
+    CA is told the challenge is ready, `remove` afterwards); read by the ALPN
+    callback of every host context, in memory only.  Lives as long as the
+    process, across reloads.
+    """
+
+    def __init__(self) -> None:
+        self._contexts: dict[str, SSL.Context] = {}
+
+    def publish(self, name: str, key: Any, certificate: Any) -> None:
+        """Answer ``acme-tls/1`` handshakes for ``name`` with ``certificate``.
+
+        :param key: the certificate's private key (a ``cryptography`` key).
+        :param certificate: a ``cryptography`` certificate (RFC 8737).
+        """
+        context = SSL.Context(SSL.TLS_SERVER_METHOD)
+        context.use_certificate(certificate)
+        context.use_privatekey(key)
+        self._contexts[name.lower()] = context
+
+    def remove(self, name: str) -> None:
+        """Stop answering for ``name`` (no error if nothing was published)."""
+        self._contexts.pop(name.lower(), None)
+
+    def lookup(self, server_name: bytes | None) -> SSL.Context | None:
+        """The challenge context for the SNI ``server_name``, or None."""
+        if not self._contexts or not server_name:
+            return None
+        return self._contexts.get(server_name.decode("ascii", "replace").lower())
+
+    def __len__(self) -> int:
+        return len(self._contexts)
+
+
+def _alpn_selector(
+    challenges: ChallengeCertificates,
+) -> Callable[[SSL.Connection, list[bytes]], Any]:
+    """`_select_alpn`, plus ``acme-tls/1`` for names with a pending tls-alpn-01 challenge.
+
+    OpenSSL picks the certificate after the ALPN callback, so switching the
+    connection's context here serves the challenge certificate.
+    """
+
+    def select(connection: SSL.Connection, offered: list[bytes]) -> Any:
+        if ALPN_ACME_TLS in offered:
+            context = challenges.lookup(connection.get_servername())
+            if context is None:
+                return SSL.NO_OVERLAPPING_PROTOCOLS  # acme-tls/1 is never for HTTP
+            connection.set_context(context)
+            connection.set_verify(SSL.VERIFY_NONE)  # the CA's validator has no client cert
+            return ALPN_ACME_TLS
+        return ALPN_HTTP11 if ALPN_HTTP11 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+    return select
+
+
+def _policy_context(
+    params: TLSParameters, challenges: ChallengeCertificates | None = None
+) -> SSL.Context:
     """A context with the hardened policy and no certificate yet.
 
     :raises SSL.Error: if OpenSSL refuses a setting (`check_tls_settings` has
@@ -235,7 +307,10 @@ def _policy_context(params: TLSParameters) -> SSL.Context:
     if params.dhparam is not None:
         context.load_tmp_dh(params.dhparam)
     context.set_session_id(_SESSION_ID_CONTEXT)
-    context.set_alpn_select_callback(_select_alpn)
+    if challenges is None:
+        context.set_alpn_select_callback(_select_alpn)
+    else:
+        context.set_alpn_select_callback(_alpn_selector(challenges))
     return context
 
 
@@ -279,17 +354,34 @@ class ServerContexts:
         return self.hosts.lookup(server_name) or self.default
 
 
-def _servername_switcher(table: HostTable[SSL.Context]) -> Callable[[SSL.Connection], None]:
+def _servername_switcher(
+    table: HostTable[SSL.Context], verify_modes: Mapping[SSL.Context, int]
+) -> Callable[[SSL.Connection], None]:
+    """Switch a connection to the context of the host its SNI names.
+
+    OpenSSL copies a context's verify mode into a connection when the
+    connection is created, not when ``SSL_set_SSL_CTX`` switches it, so the
+    connection's mode is set here whenever the host's differs (``verify_modes``
+    holds the contexts of hosts with ``client_auth``; others verify nothing).
+    The CA names and the verify store are read from the switched-to context,
+    and so is the session ID context (copied by ``SSL_set_SSL_CTX``).
+    """
+
     def on_servername(connection: SSL.Connection) -> None:
         context = table.lookup(connection.get_servername())
         if context is not None and context is not connection.get_context():
             connection.set_context(context)
+            mode = verify_modes.get(context, SSL.VERIFY_NONE)
+            if mode != connection.get_verify_mode():
+                connection.set_verify(mode)
 
     return on_servername
 
 
 def build_server_contexts(
-    config: Config, certificates: Mapping[str, Sequence[CertifiedKey]]
+    config: Config,
+    certificates: Mapping[str, Sequence[CertifiedKey]],
+    challenges: ChallengeCertificates | None = None,
 ) -> tuple[ServerContexts | None, list[Problem]]:
     """Build every host's context from ``config.tls`` and the loaded certificates.
 
@@ -298,7 +390,8 @@ def build_server_contexts(
     the problems of `check_tls_settings`, reports a host with no usable
     certificate (``hosts.NAME.certificates``), two certificates of one key
     type on a host, and anything OpenSSL refuses (at the certificate's path).
-    Nothing is bound or listened on.
+    Nothing is bound or listened on.  With ``challenges``, every context
+    answers tls-alpn-01 handshakes from it (see `ChallengeCertificates`).
 
     :return: the contexts (None if there are errors) and every problem.
     """
@@ -306,7 +399,8 @@ def build_server_contexts(
     if params is None:
         return None, problems
     table: HostTable[SSL.Context] = HostTable()
-    switcher = _servername_switcher(table)
+    verify_modes: dict[SSL.Context, int] = {}
+    switcher = _servername_switcher(table, verify_modes)
     default: SSL.Context | None = None
     for host in config.hosts:
         keys = certificates.get(host.name, ())
@@ -316,7 +410,7 @@ def build_server_contexts(
             )
             continue
         try:
-            context = _policy_context(params)
+            context = _policy_context(params, challenges)
         except SSL.Error as exc:  # not expected after check_tls_settings
             problems.append(Problem("tls", f"OpenSSL refused the TLS settings: {exc}"))
             return None, problems
@@ -337,6 +431,12 @@ def build_server_contexts(
                 _use_certified_key(context, certified)
             except (SSL.Error, OSError) as exc:
                 problems.append(Problem(certified.source.path, f"OpenSSL refused it: {exc}"))
+        if host.client_auth is not None:
+            material, more = load_client_auth(host.client_auth)
+            problems += more
+            if material is not None:
+                configure_context(context, host.name, material)
+                verify_modes[context] = material.verify_mode
         for name in host.names:
             if name not in table:
                 table.add(name, context)

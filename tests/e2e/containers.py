@@ -35,6 +35,8 @@ PYTHON_IMAGE = "docker.io/library/python:3.11-slim"
 DEBIAN_IMAGE = "docker.io/library/debian:bookworm-slim"
 TOOLS = ("podman", "runc", "debootstrap", "netavark", "aardvark-dns")
 
+_CMD = 'CMD ["/bin/bash"]'
+_PATH = "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _STANDIN = """\
 FROM docker.io/library/debian:bookworm-slim
 RUN apt-get update -qq \\
@@ -81,7 +83,7 @@ class Podman:
         conf = self.home / "containers.conf"
         conf.write_text(
             "[containers]\n"
-            f'default_ulimits = ["nofile={nofile}:{nofile}"]\n'
+            f'default_ulimits = ["nofile={nofile}:{nofile}", "nproc=32768:32768"]\n'
             "[network]\n"
             'network_backend = "netavark"\n'
             "[engine]\n"
@@ -102,11 +104,14 @@ class Podman:
             "CONTAINERS_STORAGE_CONF": str(storage),
             "BUILDAH_FORMAT": "docker",  # keeps HEALTHCHECK (OCI images drop it)
         }
+        if os.geteuid() != 0:
+            need_tool("root (rootful podman)", "/nonexistent")
         self.tag = uuid.uuid4().hex[:10]
         self.containers: list[str] = []
         self.images: list[str] = []
         self.networks: list[str] = []
         self._services: list[subprocess.Popen[bytes]] = []
+        self._dangling_before: set[str] = set()
 
     # -- running podman ---------------------------------------------------------------
 
@@ -140,8 +145,14 @@ class Podman:
 
     # -- cached base images ---------------------------------------------------------
 
+    def dangling(self) -> set[str]:
+        """IDs of untagged images (left by builds through the Docker API)."""
+        done = self.run("images", "-q", "--no-trunc", "-f", "dangling=true", check=False)
+        return set(done.stdout.split())
+
     def ensure_base_images(self) -> None:
         """Build the Debian base and the ``python:3.11-slim`` stand-in unless cached."""
+        self._dangling_before = self.dangling()
         with open(self.home / "lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.image_exists(PYTHON_IMAGE):
@@ -150,14 +161,22 @@ class Podman:
                 self._import_debian()
             context = Path(tempfile.mkdtemp(dir=self.work))
             (context / "Containerfile").write_text(_STANDIN)
-            self.run("build", "--pull=never", "-t", PYTHON_IMAGE, str(context), timeout=300)
+            self.run(
+                "build",
+                "--pull=never",
+                "--layers=false",
+                "-t",
+                PYTHON_IMAGE,
+                str(context),
+                timeout=300,
+            )
 
     def _import_debian(self) -> None:
         rootfs = self.home / "rootfs"
+        mirror = debian_mirror()
         shutil.rmtree(rootfs, ignore_errors=True)
         subprocess.run(
-            [need_tool("debootstrap"), "--variant=minbase", "bookworm", str(rootfs)]
-            + [debian_mirror()],
+            [need_tool("debootstrap"), "--variant=minbase", "bookworm", str(rootfs), mirror],
             check=True,
             capture_output=True,
             timeout=300,
@@ -178,9 +197,7 @@ class Podman:
                 ["tar", "-C", str(rootfs), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE
             )
             subprocess.run(
-                [self.podman, "import", "--change", 'CMD ["/bin/bash"]', "--change"]
-                + ["ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
-                + ["-", DEBIAN_IMAGE],
+                [self.podman, "import", "--change", _CMD, "--change", _PATH, "-", DEBIAN_IMAGE],
                 stdin=tar.stdout,
                 env=self.env,
                 check=True,
@@ -210,6 +227,10 @@ class Podman:
         self.run("run", "-d", "--name", name, *args, image)
         return name
 
+    def running(self, container: str) -> bool:
+        done = self.run("inspect", container, "--format", "{{.State.Running}}", check=False)
+        return done.stdout.strip() == "true"
+
     def logs(self, container: str) -> str:
         done = self.run("logs", container, check=False)
         return done.stdout + done.stderr
@@ -233,11 +254,13 @@ class Podman:
     def cleanup(self) -> None:
         """Remove every container, network and image this object made; stop its services."""
         for container in self.containers:
-            self.run("rm", "-f", "-t", "0", container, check=False)
+            self.run("rm", "-f", "-v", "-t", "0", container, check=False)
         for network in self.networks:
             self.run("network", "rm", "-f", network, check=False)
         for image in self.images:
             self.run("rmi", "-f", image, check=False)
+        for image in self.dangling() - self._dangling_before:
+            self.run("rmi", image, check=False)  # not -f: another run may be using it
         for proc in self._services:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -265,4 +288,4 @@ def podman_session(work: Path) -> Iterator[Podman]:
         podman.cleanup()
 
 
-__all__: Sequence[str] = ["Podman", "podman_session", "debian_mirror"]
+__all__: Sequence[str] = ["Podman", "debian_mirror", "podman_session"]

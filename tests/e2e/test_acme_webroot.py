@@ -10,13 +10,10 @@ pebble's root.
 
 from __future__ import annotations
 
-import json
-import os
 import socket
 import ssl
 import subprocess
 import threading
-import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,6 +24,7 @@ from cryptography import x509
 
 from tests import pki
 from tests.e2e.harness import free_port, need_tool, start_tlsproxy, wait_for_port
+from tests.e2e.pebble import Pebble, Processes
 
 pytestmark = pytest.mark.e2e
 
@@ -57,52 +55,6 @@ def backend() -> Iterator[str]:
     server.server_close()
 
 
-class _Processes:
-    """Child processes started by a test, all stopped at the end (bounded waits)."""
-
-    def __init__(self) -> None:
-        self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
-
-    def start(self, command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        self.procs.append((proc, log))
-        return proc
-
-    def stop(self) -> None:
-        for proc, _ in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
-
-    def logs(self) -> str:
-        return "\n".join(
-            f"--- {log.name} ---\n{log.read_text(errors='replace')}" for _, log in self.procs
-        )
-
-
-@pytest.fixture
-def processes() -> Iterator[_Processes]:
-    procs = _Processes()
-    yield procs
-    procs.stop()
-
-
-def _post_json(url: str, payload: dict[str, Any]) -> None:
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(payload).encode(),
-        method="POST",
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        assert response.status == 200
-
-
 def _handshake(port: int, name: str, cafile: Path) -> x509.Certificate:
     context = ssl.create_default_context(cafile=str(cafile))
     with (
@@ -121,73 +73,17 @@ def _handshake(port: int, name: str, cafile: Path) -> x509.Certificate:
 
 
 def test_certbot_webroot_through_port_80_then_tlsproxy_serves_the_certificate(
-    tmp_path: Path, backend: str, processes: _Processes
+    tmp_path: Path, backend: str, processes: Processes
 ) -> None:
     """certbot --webroot gets one certificate for two names from pebble, validated over
     tlsproxy's plain-HTTP listener; tlsproxy then serves it for both names."""
-    pebble = need_tool("pebble", "/usr/bin/pebble")
-    challtestsrv = need_tool("pebble-challtestsrv", "/usr/bin/pebble-challtestsrv")
     certbot = need_tool("certbot", "/usr/bin/certbot")
 
     https_port, http_port = free_port(), free_port()
-    acme_port, acme_mgmt_port = free_port(), free_port()
-    dns_port, dns_mgmt_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PEBBLE_", "REQUESTS_"))}
-
-    # DNS: every test name is 127.0.0.1 (and has no AAAA, since tlsproxy listens on IPv4).
-    processes.start(
-        [
-            challtestsrv,
-            "-dns01", f"127.0.0.1:{dns_port}",
-            "-http01", "",
-            "-https01", "",
-            "-tlsalpn01", "",
-            "-management", f"127.0.0.1:{dns_mgmt_port}",
-            "-defaultIPv4", "127.0.0.1",
-            "-defaultIPv6", "",
-        ],
-        tmp_path / "challtestsrv.log",
-        env,
-    )  # fmt: skip
-    wait_for_port(dns_mgmt_port, None)
-    for name in NAMES:
-        _post_json(
-            f"http://127.0.0.1:{dns_mgmt_port}/add-a",
-            {"host": name, "addresses": ["127.0.0.1"]},
-        )
-
-    # Pebble, with its own HTTPS certificate, validating http-01 on tlsproxy's plain port.
-    ca = pki.make_ca(fresh=True)
-    pebble_leaf = ca.issue(["localhost"], ip_addresses=["127.0.0.1"])
-    pebble_files = pki.write_separate(tmp_path, pebble_leaf, prefix="pebble")
-    pebble_cert = pki.write_file(
-        tmp_path / "pebble-fullchain.pem", pki.cert_pem(pebble_leaf.cert, *pebble_leaf.chain)
-    )
-    pebble_ca = pki.write_ca_file(tmp_path, ca, name="pebble-ca.pem")
-    config_file = tmp_path / "pebble.json"
-    config_file.write_text(
-        json.dumps(
-            {
-                "pebble": {
-                    "listenAddress": f"127.0.0.1:{acme_port}",
-                    "managementListenAddress": f"127.0.0.1:{acme_mgmt_port}",
-                    "certificate": str(pebble_cert),
-                    "privateKey": str(pebble_files.key),
-                    "httpPort": http_port,
-                    "tlsPort": https_port,
-                    "ocspResponderURL": "",
-                    "externalAccountBindingRequired": False,
-                }
-            }
-        )
-    )
-    pebble_env = env | {"PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"}
-    pebble_proc = processes.start(
-        [pebble, "-config", str(config_file), "-dnsserver", f"127.0.0.1:{dns_port}", "-strict"],
-        tmp_path / "pebble.log",
-        pebble_env,
-    )
-    wait_for_port(acme_port, pebble_proc)
+    ca = Pebble(processes, tmp_path, NAMES, http_port=http_port, https_port=https_port)
+    ca.start()
+    env = ca.env
+    pebble_ca = ca.https_ca
 
     # tlsproxy, first with a stand-in certificate: only its plain port matters now.
     webroot = tmp_path / "webroot"
@@ -211,7 +107,7 @@ def test_certbot_webroot_through_port_80_then_tlsproxy_serves_the_certificate(
             [
                 certbot, "certonly",
                 "--non-interactive", "--agree-tos", "--register-unsafely-without-email",
-                "--server", f"https://127.0.0.1:{acme_port}/dir",
+                "--server", ca.directory_url,
                 "--webroot", "-w", str(webroot),
                 *(arg for name in NAMES for arg in ("-d", name)),
                 "--cert-name", "tlsproxy-test",
@@ -241,12 +137,7 @@ def test_certbot_webroot_through_port_80_then_tlsproxy_serves_the_certificate(
     (tmp_path / "second").mkdir()
     second = start_tlsproxy(config, tmp_path / "second", https_port)
     try:
-        context = ssl.create_default_context(cafile=str(pebble_ca))
-        with urllib.request.urlopen(
-            f"https://127.0.0.1:{acme_mgmt_port}/roots/0", context=context, timeout=10
-        ) as response:
-            root = tmp_path / "pebble-root.pem"
-            root.write_bytes(response.read())
+        root = ca.root()
         issued = x509.load_pem_x509_certificates((live / "cert.pem").read_bytes())[0]
         for name in NAMES:
             served = _handshake(https_port, name, root)

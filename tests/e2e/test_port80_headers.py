@@ -89,7 +89,8 @@ def curl(setup: Setup, url: str, *args: str) -> CurlResult:
     """Run curl against tlsproxy (names resolved to 127.0.0.1, our CA trusted)."""
     tool = need_tool("curl")
     resolve = []
-    for name in ("example.com", "www.example.com", "pinned.example", "down.example", "x.test"):
+    names = ("example.com", "www.example.com", "pinned.example", "down.example", "plain.example")
+    for name in (*names, "x.test"):
         for port in (setup.https_port, setup.http_port):
             resolve += ["--resolve", f"{name}:{port}:127.0.0.1"]
     command = [tool, "-sS", "--max-time", "10", "--cacert", str(setup.ca_file), *resolve]
@@ -128,6 +129,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         tmp, ca.issue(["pinned.example"], key_type="RSA", rsa_index=7), name="pinned-rsa.pem"
     )
     down = pki.write_combined(tmp, ca.issue(["down.example"]), name="down.pem")
+    plain = pki.write_combined(tmp, ca.issue(["plain.example"]), name="plain.pem")
     spare = pki.write_file(tmp / "spare.key", pki.key_pem(pki.new_key()))
     webroot = tmp / "webroot"
     (webroot / ".well-known" / "acme-challenge").mkdir(parents=True)
@@ -161,6 +163,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
             "down.example": {
                 "certificates": [str(down)],
                 "backend": f"http://127.0.0.1:{free_port()}",
+            },
+            "plain.example": {
+                "certificates": [str(plain)],
+                "backend": backend,
+                "insecure_plain_http": True,
             },
         },
     }
@@ -347,3 +354,22 @@ def test_pins_command_matches_openssl(setup: Setup) -> None:
     ).stdout.decode()
     firsts = [line.split()[0] for line in out.splitlines() if "private key" in line]
     assert firsts == [openssl_pin(p) for p in (*setup.pinned_keys, setup.spare_key)]
+
+
+def test_insecure_plain_http_host_is_proxied_over_port_80(setup: Setup) -> None:
+    """A host with insecure_plain_http: true is proxied over plain HTTP (no redirect, and no
+    HSTS even though its backend sends one), while its ACME challenges are still answered by
+    tlsproxy and other hosts are still redirected; the start-up log calls it insecure."""
+    result = curl(setup, f"http://plain.example:{setup.http_port}/page?x=1")
+    assert result.status == 200
+    assert result.body == b"backend saw GET /page?x=1\n"
+    assert result.values("strict-transport-security") == []
+    token = "plainHostToken_-123"
+    challenge = setup.webroot / ".well-known" / "acme-challenge" / token
+    challenge.write_text(token + ".thumbprint")
+    answer = curl(
+        setup, f"http://plain.example:{setup.http_port}/.well-known/acme-challenge/{token}"
+    )
+    assert (answer.status, answer.body) == (200, (token + ".thumbprint").encode())
+    assert curl(setup, f"http://example.com:{setup.http_port}/page").status == 301
+    assert "hosts.plain.example.insecure_plain_http: INSECURE" in setup.proxy.log

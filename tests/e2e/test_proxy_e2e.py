@@ -25,6 +25,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
+from tests.proxyharness import FunctionRouter
 from tlsproxy.config import Backend
 from tlsproxy.proxy import ProxyFactory, ProxySettings
 from tlsproxy.routing import Route
@@ -152,7 +153,7 @@ class Stack:
         }
         self.pools = UpstreamPools(reactor, settings)
         self.proxy = ProxyFactory(
-            router=lambda sni, host: routes.get(host),
+            router=FunctionRouter(lambda sni, host: routes.get(host)),
             pools=self.pools,
             clock=reactor,
             settings=settings,
@@ -430,7 +431,7 @@ def test_websocket_splice() -> Generator[Any, Any, None]:
     backend = Backend(scheme="http", host="127.0.0.1", port=backend_port.getHost().port)
     pools = UpstreamPools(reactor)
     proxy = ProxyFactory(
-        router=lambda sni, host: Route(site="ws.test", backend=backend),
+        router=FunctionRouter(lambda sni, host: Route(site="ws.test", backend=backend)),
         pools=pools,
         clock=reactor,
     )
@@ -490,7 +491,7 @@ def test_behind_tls_sni_reaches_router_and_close_completes() -> Generator[Any, A
         return Route(site="site.test", backend=backend)
 
     pools = UpstreamPools(reactor)
-    proxy = ProxyFactory(router=router, pools=pools, clock=reactor)
+    proxy = ProxyFactory(router=FunctionRouter(router), pools=pools, clock=reactor)
     proxy_port = reactor.listenTCP(
         0,
         TLSMemoryBIOFactory(server_options, False, proxy),  # type: ignore[arg-type]

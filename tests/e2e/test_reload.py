@@ -207,3 +207,42 @@ def test_new_host_in_config_is_served_after_sighup(site: Site) -> None:
     assert client.serial == other.cert.serial_number
     assert client.get("/new")["host"] == "other.test"
     client.close()
+
+
+def test_watch_interval_picks_up_a_replaced_certificate_without_sighup(
+    tmp_path: Path, tlsproxy_runner: Any, echo_backend: int
+) -> None:
+    """With watch_interval set, a certificate file replaced on disk is served to new
+    handshakes without any signal, and a broken replacement is refused and logged."""
+    ca = pki.make_ca()
+    pem = tmp_path / "site.pem"
+    first = ca.issue(["example.test"])
+    pki.write_combined(tmp_path, first, name="site.pem")
+    proxy = tlsproxy_runner(
+        {
+            "watch_interval": 0.2,
+            "hosts": {
+                "example.test": {
+                    "certificates": [str(pem)],
+                    "backend": f"http://127.0.0.1:{echo_backend}",
+                }
+            },
+        }
+    )
+    ca_file = pki.write_ca_file(tmp_path, ca)
+
+    def served() -> int:
+        client = Client(proxy.https_port, "example.test", ca_file)
+        try:
+            return client.serial
+        finally:
+            client.close()
+
+    assert served() == first.cert.serial_number
+    renewed = ca.issue(["example.test"])
+    pki.write_combined(tmp_path, renewed, name="site.pem.new").replace(pem)
+    _wait_for(lambda: served() == renewed.cert.serial_number, "the watched file to be served")
+
+    pem.write_bytes(pki.key_pem(ca.issue(["example.test"]).key) + pki.cert_pem(first.cert))
+    _wait_for(lambda: "reload refused" in proxy.log, "the refusal of the broken file")
+    assert served() == renewed.cert.serial_number

@@ -1,0 +1,244 @@
+"""A load generator for full TLS handshakes: each connection does one request, then closes.
+
+One job: keep ``--connections`` TLS connections busy against one address for
+``--duration`` seconds, where every connection does a *full* handshake (no
+session is ever offered for resumption: a fresh ``SSL`` object per connection
+and the client session cache off), sends one ``GET`` with ``Connection:
+close``, reads the whole response, and closes.  It prints one JSON line:
+completed handshakes, errors, and latency percentiles of connect→response.
+
+Why not wrk: wrk reuses each connection's ``SSL`` object with ``SSL_clear``,
+which keeps the session, so with ``Connection: close`` almost every
+connection after the first *resumes* (measured with nginx's
+``$ssl_session_reused``).  And Debian 12's OpenSSL 3.0, which wrk and curl use,
+spends about twice as much CPU per client handshake as the OpenSSL 4 bundled
+with pyOpenSSL/cryptography, so a wrk-based load generator on one core could
+not keep even nginx busy.  This tool uses pyOpenSSL, non-blocking sockets and
+one ``selectors`` loop per process; ``--processes`` runs several.
+
+It must not: resume sessions, verify certificates (the peers are ours), or run
+without a time bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import multiprocessing
+import selectors
+import socket
+import sys
+import time
+from typing import Any
+
+from OpenSSL import SSL
+from OpenSSL._util import lib as _lib  # the binding under pyOpenSSL (no public API for these)
+
+_WANT = (SSL.WantReadError, SSL.WantWriteError)
+
+
+def _percentile(sorted_values: list[float], fraction: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, max(0, round(fraction * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def _context(groups: str | None) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_verify(SSL.VERIFY_NONE)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    ctx.set_options(SSL.OP_NO_TICKET)
+    if groups and _lib.SSL_CTX_set1_curves_list(ctx._context, groups.encode("ascii")) != 1:
+        raise SystemExit(f"OpenSSL refused the groups {groups}")
+    return ctx
+
+
+class _Conn:
+    """One connection's state: connecting, handshaking, writing, reading."""
+
+    __slots__ = ("buf", "conn", "sock", "start", "state", "want_write")
+
+    def __init__(self, sock: socket.socket, conn: SSL.Connection, start: float) -> None:
+        self.sock = sock
+        self.conn = conn
+        self.start = start
+        self.state = "connect"
+        self.buf = b""
+        self.want_write = True
+
+
+def _run(
+    host: str,
+    port: int,
+    path: str,
+    server_name: str,
+    connections: int,
+    duration: float,
+    groups: str | None,
+) -> dict[str, Any]:
+    ctx = _context(groups)
+    request = (f"GET {path} HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n").encode(
+        "ascii"
+    )
+    sel = selectors.DefaultSelector()
+    latencies: list[float] = []
+    errors = {"connect": 0, "handshake": 0, "read": 0, "status": 0}
+    resumed = 0
+    start_time = time.monotonic()
+    deadline = start_time + duration
+    hard_deadline = deadline + 10.0
+
+    def open_one() -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex((host, port))
+        if err not in (0, errno.EINPROGRESS):
+            errors["connect"] += 1
+            sock.close()
+            return
+        conn = SSL.Connection(ctx, sock)
+        conn.set_tlsext_host_name(server_name.encode("ascii"))
+        conn.set_connect_state()
+        c = _Conn(sock, conn, time.monotonic())
+        sel.register(sock, selectors.EVENT_WRITE, c)
+
+    def finish(c: _Conn, ok: bool, kind: str = "") -> None:
+        sel.unregister(c.sock)
+        c.sock.close()
+        if ok:
+            latencies.append(time.monotonic() - c.start)
+        else:
+            errors[kind] += 1
+        if time.monotonic() < deadline:
+            open_one()
+
+    def step(c: _Conn) -> None:
+        nonlocal resumed
+        if c.state == "connect":
+            err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                finish(c, False, "connect")
+                return
+            c.state = "handshake"
+        if c.state == "handshake":
+            try:
+                c.conn.do_handshake()
+            except SSL.WantReadError:
+                sel.modify(c.sock, selectors.EVENT_READ, c)
+                return
+            except SSL.WantWriteError:
+                sel.modify(c.sock, selectors.EVENT_WRITE, c)
+                return
+            except (SSL.Error, OSError):
+                finish(c, False, "handshake")
+                return
+            if _lib.SSL_session_reused(c.conn._ssl):
+                resumed += 1
+            c.state = "write"
+        if c.state == "write":
+            try:
+                c.conn.sendall(request)
+            except _WANT:
+                sel.modify(c.sock, selectors.EVENT_WRITE, c)
+                return
+            except (SSL.Error, OSError):
+                finish(c, False, "read")
+                return
+            c.state = "read"
+            sel.modify(c.sock, selectors.EVENT_READ, c)
+        if c.state == "read":
+            while True:
+                try:
+                    data = c.conn.recv(65536)
+                except SSL.WantReadError:
+                    return
+                except SSL.ZeroReturnError:
+                    data = b""
+                except (SSL.Error, OSError):
+                    data = b""
+                if not data:
+                    ok = c.buf.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200"))
+                    finish(c, ok, "status" if c.buf else "read")
+                    return
+                c.buf += data
+                if _complete(c.buf):
+                    ok = c.buf.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200"))
+                    finish(c, ok, "status")
+                    return
+
+    for _ in range(connections):
+        open_one()
+    while sel.get_map() and time.monotonic() < hard_deadline:
+        for key, _events in sel.select(timeout=0.5):
+            step(key.data)
+    elapsed = time.monotonic() - start_time
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()  # type: ignore[union-attr]
+    latencies.sort()
+    return {
+        "handshakes": len(latencies),
+        "seconds": elapsed,
+        "errors": errors,
+        "resumed": resumed,
+        "latencies_ms": [x * 1000 for x in latencies[:: max(1, len(latencies) // 2000)]],
+    }
+
+
+def _complete(buf: bytes) -> bool:
+    """Whether ``buf`` holds a whole response with a ``Content-Length`` body."""
+    head_end = buf.find(b"\r\n\r\n")
+    if head_end < 0:
+        return False
+    for line in buf[:head_end].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(buf) - head_end - 4 >= int(value.strip())
+    return False
+
+
+def _worker(args: tuple[Any, ...]) -> dict[str, Any]:
+    return _run(*args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--path", default="/small")
+    parser.add_argument("--server-name", default="localhost")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--groups", default=None, help="client key-exchange groups (OpenSSL list)")
+    ns = parser.parse_args(argv)
+    if not 0 < ns.duration <= 600:
+        parser.error("--duration must be in (0, 600] seconds")
+    per = max(1, ns.connections // ns.processes)
+    job = (ns.host, ns.port, ns.path, ns.server_name, per, ns.duration, ns.groups)
+    if ns.processes == 1:
+        results = [_run(*job)]
+    else:
+        with multiprocessing.Pool(ns.processes) as pool:
+            results = pool.map(_worker, [job] * ns.processes)
+    latencies = sorted(x for r in results for x in r["latencies_ms"])
+    total = sum(r["handshakes"] for r in results)
+    seconds = max(r["seconds"] for r in results)
+    errors = {k: sum(r["errors"][k] for r in results) for k in results[0]["errors"]}
+    out = {
+        "handshakes": total,
+        "seconds": seconds,
+        "rate": total / seconds if seconds else 0.0,
+        "errors": errors,
+        "resumed": sum(r["resumed"] for r in results),
+        "p50_ms": _percentile(latencies, 0.50),
+        "p99_ms": _percentile(latencies, 0.99),
+    }
+    sys.stdout.write(json.dumps(out) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

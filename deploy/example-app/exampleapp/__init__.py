@@ -1,0 +1,1 @@
+"""A minimal Django project to put behind tlsproxy (see ../docker-compose.yml)."""

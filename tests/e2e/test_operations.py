@@ -1,0 +1,282 @@
+"""Operating the real ``twistd -n tlsproxy``: access log lines (combined and JSON, reopened
+on SIGUSR1), Prometheus metrics scraped over HTTP, and draining in-flight requests on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import ssl
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from tests import pki
+from tests.e2e.harness import free_port, start_tlsproxy
+
+pytestmark = pytest.mark.e2e
+
+NAME = "site.test"
+#: twistd's exit status after a clean shutdown on SIGTERM (it re-raises the signal).
+STOPPED = -signal.SIGTERM
+SECRETS = ("sessionid=s3cr3t-cookie", "Basic dXNlcjpwYXNzd29yZA==", "s3cr3t-cookie", "dXNlcjpw")
+
+
+class SlowHandler(BaseHTTPRequestHandler):
+    """Answers ``/slow/<seconds>`` after that long (announcing arrival), anything else at once."""
+
+    protocol_version = "HTTP/1.1"
+    arrived: threading.Event
+
+    def do_GET(self) -> None:
+        delay = 0.0
+        if self.path.startswith("/slow/"):
+            delay = float(self.path.rsplit("/", 1)[1])
+            self.server.arrived.set()  # type: ignore[attr-defined]
+            time.sleep(delay)
+        body = f"done {self.path}\n".encode()
+        self.send_response(200)
+        self.send_header("content-type", "text/plain")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def backend() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowHandler)
+    server.daemon_threads = True
+    server.arrived = threading.Event()  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, x509.Certificate]:
+    tmp = tmp_path_factory.mktemp("certs")
+    ca = pki.make_ca()
+    leaf = ca.issue([NAME])
+    return pki.write_combined(tmp, leaf), pki.write_ca_file(tmp, ca), leaf.cert
+
+
+def _config(certs: tuple[Path, Path, x509.Certificate], port: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "hosts": {NAME: {"certificates": [str(certs[0])], "backend": f"http://127.0.0.1:{port}"}},
+        **extra,
+    }
+
+
+def get(
+    port: int, ca: Path, path: str = "/", host: str = NAME, headers: str = "", timeout: float = 10
+) -> bytes:
+    """One HTTPS request (SNI ``site.test``) with ``Connection: close``; the whole response."""
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+        with context.wrap_socket(raw, server_hostname=NAME) as tls:
+            tls.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n".encode()
+            )
+            out = b""
+            while chunk := tls.recv(65536):
+                out += chunk
+            return out
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def lines(path: Path, count: int) -> list[str]:
+    """The file's lines once it has ``count`` of them (the log is flushed every second)."""
+
+    def ready() -> list[str] | None:
+        found = path.read_text().splitlines() if path.exists() else []
+        return found if len(found) >= count else None
+
+    return list(wait_for(ready, f"{count} lines in {path}"))
+
+
+COMBINED = re.compile(
+    r'^127\.0\.0\.1 - - \[\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] '
+    r'"GET /hello\?x=1 HTTP/1\.1" 200 (\d+) "https://ref\.example/page" "probe/1\.0"$'
+)
+PRIVATE = (
+    "Cookie: sessionid=s3cr3t-cookie\r\nAuthorization: Basic dXNlcjpwYXNzd29yZA==\r\n"
+    "Referer: https://ref.example/page\r\nUser-Agent: probe/1.0\r\n"
+)
+
+
+def test_combined_access_log_line(tmp_path: Path, backend: Any, certs: Any) -> None:
+    """With ``access_log: {path: FILE}`` each request adds an nginx "combined" line (client,
+    time, request line, status, body bytes, referer, user agent) and never the cookie or
+    the credentials the client sent."""
+    log = tmp_path / "access.log"
+    config = _config(certs, backend.server_address[1], access_log={"path": str(log)})
+    proxy = start_tlsproxy(config, tmp_path)
+    try:
+        response = get(proxy.https_port, certs[1], "/hello?x=1", headers=PRIVATE)
+        assert response.startswith(b"HTTP/1.1 200")
+        (line,) = lines(log, 1)
+        match = COMBINED.match(line)
+        assert match, line
+        assert int(match.group(1)) == len(b"done /hello?x=1\n")
+        assert not any(secret in line for secret in SECRETS)
+    finally:
+        assert proxy.stop() == STOPPED
+
+
+def test_json_access_log_and_reopen_on_sigusr1(tmp_path: Path, backend: Any, certs: Any) -> None:
+    """``format: json`` logs host, SNI, TLS version and cipher, upstream, status, bytes and
+    duration (also for the proxy's own 421); after logrotate renames the file, SIGUSR1
+    makes tlsproxy write to a new file at the configured path."""
+    log = tmp_path / "access.json"
+    port = backend.server_address[1]
+    config = _config(certs, port, access_log={"path": str(log), "format": "json"})
+    proxy = start_tlsproxy(config, tmp_path)
+    try:
+        get(proxy.https_port, certs[1], "/a", headers=PRIVATE)
+        get(proxy.https_port, certs[1], "/b", host="other.test")
+        first, second = (json.loads(line) for line in lines(log, 2))
+        assert first["host"] == NAME and first["sni"] == NAME and first["site"] == NAME
+        assert first["tls_version"] == "TLSv1.3"
+        assert first["tls_cipher"].startswith("TLS_")
+        assert first["upstream"] == f"127.0.0.1:{port}"
+        assert (first["method"], first["target"], first["status"]) == ("GET", "/a", 200)
+        assert first["bytes_sent"] == len(b"done /a\n")
+        assert 0 <= first["duration"] < 10
+        assert first["user_agent"] == "probe/1.0" and first["client"] == "127.0.0.1"
+        assert not any(secret in log.read_text() for secret in SECRETS)
+        assert (second["host"], second["status"], second["upstream"]) == ("other.test", 421, None)
+
+        rotated = tmp_path / "access.json.1"
+        log.rename(rotated)
+        proxy.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: "access log" in proxy.log and "reopened" in proxy.log, "the reopen")
+        get(proxy.https_port, certs[1], "/c")
+        (third,) = (json.loads(line) for line in lines(log, 1))
+        assert third["target"] == "/c"
+        assert len(rotated.read_text().splitlines()) == 2
+    finally:
+        assert proxy.stop() == STOPPED
+
+
+def test_access_log_to_stdout(tmp_path: Path, backend: Any, certs: Any) -> None:
+    """``path: "-"`` writes the lines to standard output (as in a container)."""
+    config = _config(certs, backend.server_address[1], access_log={"path": "-"})
+    proxy = start_tlsproxy(config, tmp_path)
+    try:
+        get(proxy.https_port, certs[1], "/stdout-probe")
+        wait_for(lambda: '"GET /stdout-probe HTTP/1.1" 200' in proxy.log, "the line on stdout")
+    finally:
+        assert proxy.stop() == STOPPED
+
+
+def _sample(text: str, name: str, **labels: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            head, _, value = line.rpartition(" ")
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                return float(value)
+    return None
+
+
+def test_metrics_scraped_over_http(tmp_path: Path, backend: Any, certs: Any) -> None:
+    """``metrics: {listen: ...}`` serves Prometheus text at /metrics: requests by site and
+    status class, the upstream latency histogram, open connections and each certificate's
+    expiry time."""
+    metrics_port = free_port()
+    config = _config(
+        certs,
+        backend.server_address[1],
+        metrics={"listen": f"tcp:{metrics_port}:interface=127.0.0.1"},
+    )
+    proxy = start_tlsproxy(config, tmp_path)
+    try:
+        for _ in range(3):
+            assert get(proxy.https_port, certs[1], "/m").startswith(b"HTTP/1.1 200")
+        get(proxy.https_port, certs[1], "/m", host="other.test")
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            text = answer.read().decode()
+        assert _sample(text, "tlsproxy_requests_total", host=NAME, code="2xx") == 3
+        assert _sample(text, "tlsproxy_requests_total", host="-", code="4xx") == 1
+        upstream = f"127.0.0.1:{backend.server_address[1]}"
+        assert _sample(text, "tlsproxy_upstream_response_seconds_count", upstream=upstream) == 3
+        assert _sample(text, "tlsproxy_open_connections") is not None
+        expiry = _sample(text, "tlsproxy_certificate_expiry_timestamp_seconds", host=NAME)
+        assert expiry == certs[2].not_valid_after_utc.timestamp()
+    finally:
+        assert proxy.stop() == STOPPED
+
+
+def _slow_request(port: int, ca: Path, seconds: float, out: list[bytes | Exception]) -> None:
+    try:
+        out.append(get(port, ca, f"/slow/{seconds}", timeout=30))
+    except Exception as exc:
+        out.append(exc)
+
+
+def test_sigterm_drains_an_in_flight_request(tmp_path: Path, backend: Any, certs: Any) -> None:
+    """On SIGTERM tlsproxy stops accepting connections at once but finishes a slow response
+    already under way, then exits cleanly."""
+    config = _config(certs, backend.server_address[1], drain_timeout=20)
+    proxy = start_tlsproxy(config, tmp_path)
+    out: list[bytes | Exception] = []
+    thread = threading.Thread(target=_slow_request, args=(proxy.https_port, certs[1], 2, out))
+    thread.start()
+    assert backend.arrived.wait(10)
+    started = time.monotonic()
+    proxy.proc.send_signal(signal.SIGTERM)
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", proxy.https_port), timeout=1).close()
+        except OSError:
+            return True
+        return False
+
+    wait_for(refused, "the listener to close", timeout=5)
+    assert proxy.proc.poll() is None  # still serving the slow request
+    thread.join(30)
+    assert proxy.proc.wait(15) == STOPPED
+    assert time.monotonic() - started >= 1
+    assert len(out) == 1 and isinstance(out[0], bytes), out
+    assert out[0].startswith(b"HTTP/1.1 200") and out[0].endswith(b"done /slow/2\n")
+    assert proxy.stop() == STOPPED
+
+
+def test_drain_timeout_cuts_off_what_is_left(tmp_path: Path, backend: Any, certs: Any) -> None:
+    """A request that outlasts ``drain_timeout`` is dropped and tlsproxy exits on time."""
+    config = _config(certs, backend.server_address[1], drain_timeout=1)
+    proxy = start_tlsproxy(config, tmp_path)
+    out: list[bytes | Exception] = []
+    thread = threading.Thread(target=_slow_request, args=(proxy.https_port, certs[1], 8, out))
+    thread.start()
+    assert backend.arrived.wait(10)
+    started = time.monotonic()
+    proxy.proc.send_signal(signal.SIGTERM)
+    assert proxy.proc.wait(6) == STOPPED
+    assert time.monotonic() - started < 6
+    thread.join(15)
+    assert out and not (isinstance(out[0], bytes) and out[0].startswith(b"HTTP/1.1 200"))
+    assert "drain timeout: dropping 1 connections" in proxy.log
+    proxy.stop()
