@@ -366,7 +366,7 @@ def test_unknown_default_host_not_reported_when_hosts_are_broken() -> None:
     doc = valid_doc()
     doc["hosts"]["example.com"]["backend"] = "ftp://x"
     assert errors_of(doc) == [
-        "proxy.yaml: hosts.example.com.backend: must be an http:// URL such as "
+        "proxy.yaml: hosts.example.com.backend: must be an http:// or https:// URL such as "
         "http://127.0.0.1:8000, not 'ftp://x'"
     ]
 
@@ -759,20 +759,24 @@ def test_every_bad_certificate_is_reported() -> None:
     ("url", "reason"),
     [
         (
-            "https://127.0.0.1:8443",
-            "must be an http:// URL such as http://127.0.0.1:8000, not 'https://127.0.0.1:8443'",
+            "ftp://127.0.0.1:8443",
+            "must be an http:// or https:// URL such as http://127.0.0.1:8000, "
+            "not 'ftp://127.0.0.1:8443'",
         ),
         (
             "127.0.0.1:8000",
-            "must be an http:// URL such as http://127.0.0.1:8000, not '127.0.0.1:8000'",
+            "must be an http:// or https:// URL such as http://127.0.0.1:8000, "
+            "not '127.0.0.1:8000'",
         ),
         (
             "localhost:8000",
-            "must be an http:// URL such as http://127.0.0.1:8000, not 'localhost:8000'",
+            "must be an http:// or https:// URL such as http://127.0.0.1:8000, "
+            "not 'localhost:8000'",
         ),
         (
             "unix:/run/app.sock",
-            "must be an http:// URL such as http://127.0.0.1:8000, not 'unix:/run/app.sock'",
+            "must be an http:// or https:// URL such as http://127.0.0.1:8000, "
+            "not 'unix:/run/app.sock'",
         ),
         ("http://", "must name a host, as in http://127.0.0.1:8000"),
         ("http://:8000", "must name a host, as in http://127.0.0.1:8000"),
@@ -890,7 +894,7 @@ def test_duplicate_alias_reported_even_when_site_has_other_problems() -> None:
     doc = valid_doc()
     doc["hosts"]["other.example"] = site(aliases=["www.example.com"], backend="ftp://x")
     assert errors_of(doc) == [
-        "proxy.yaml: hosts.other.example.backend: must be an http:// URL such as "
+        "proxy.yaml: hosts.other.example.backend: must be an http:// or https:// URL such as "
         "http://127.0.0.1:8000, not 'ftp://x'",
         "proxy.yaml: hosts.other.example.aliases[0]: www.example.com is already used by "
         "hosts.example.com.aliases[0]",
@@ -921,7 +925,7 @@ hosts:
   example.com:
     aliases: ["*.com"]
     certificates: []
-    backend: https://127.0.0.1:8443
+    backend: ftp://127.0.0.1:8443
   bad_name.example: {}
   other.example:
     certificates: /c.pem
@@ -938,8 +942,8 @@ colour: blue
         "proxy.yaml: hosts.example.com.aliases[0]: "
         "a wildcard must have at least two labels after '*.'",
         "proxy.yaml: hosts.example.com.certificates: must list at least one certificate",
-        "proxy.yaml: hosts.example.com.backend: must be an http:// URL such as "
-        "http://127.0.0.1:8000, not 'https://127.0.0.1:8443'",
+        "proxy.yaml: hosts.example.com.backend: must be an http:// or https:// URL such as "
+        "http://127.0.0.1:8000, not 'ftp://127.0.0.1:8443'",
         "proxy.yaml: hosts.bad_name.example: is not a valid host name: "
         "host name has an invalid label 'bad_name'",
         "proxy.yaml: hosts.other.example.backend: is required",

@@ -186,9 +186,9 @@ def test_preserve_host_false() -> None:
             " hosts.example.com.routes[0]",
         ),
         (
-            [{"path": "/ws/", "backend": "https://127.0.0.1:1"}],
-            "proxy.yaml: hosts.example.com.routes[0].backend: must be an http:// URL such as"
-            " http://127.0.0.1:8000, not 'https://127.0.0.1:1'",
+            [{"path": "/ws/", "backend": "ftp://127.0.0.1:1"}],
+            "proxy.yaml: hosts.example.com.routes[0].backend: must be an http:// or https:// "
+            "URL such as http://127.0.0.1:8000, not 'ftp://127.0.0.1:1'",
         ),
         (
             [{"path": "/ws/"}],

@@ -515,8 +515,8 @@ def test_dns_failure_is_502(h: Harness) -> None:
 
 def test_unsupported_backend_scheme_is_502() -> None:
     """A route to a backend scheme the pool cannot speak gets 502, not a crash."""
-    tls_backend = Backend(scheme="https", host="10.0.0.9", port=443)
-    h = Harness(routes={b"example.com": Route(site="example.com", backend=tls_backend)})
+    other_backend = Backend(scheme="ftp", host="10.0.0.9", port=21)
+    h = Harness(routes={b"example.com": Route(site="example.com", backend=other_backend)})
     client, _ = h.client()
     client.send(request())
     h.pump()

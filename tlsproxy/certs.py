@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING, Literal
 import attrs
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.x509.oid import NameOID
 
 from tlsproxy.errors import Problem
 from tlsproxy.hostnames import InvalidHostname, matches, normalize_pattern
@@ -74,6 +75,37 @@ class CertifiedKey:
         return b"".join(
             c.public_bytes(serialization.Encoding.PEM) for c in (self.leaf, *self.chain)
         )
+
+
+def self_signed(
+    sans: Sequence[x509.GeneralName],
+    common_name: str,
+    not_before: datetime.datetime,
+    lifetime: datetime.timedelta,
+    extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A new ECDSA P-256 key and a self-signed end-entity certificate for ``sans``.
+
+    Valid from five minutes before ``not_before`` for ``lifetime``; ``extensions``
+    are added as (extension, critical) pairs.  Used for the demo, the temporary
+    certificate of an ACME host and tls-alpn-01 answers.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before - datetime.timedelta(minutes=5))
+        .not_valid_after(not_before + lifetime)
+        .add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return key, builder.sign(key, hashes.SHA256())
 
 
 def spki_sha256_b64(public_key: PublicKeyTypes) -> str:

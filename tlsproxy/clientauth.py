@@ -1,26 +1,30 @@
 """Client certificates (mTLS): what a host's ``client_auth`` means to OpenSSL and to the backend.
 
-Two jobs, both for hosts with ``client_auth`` (`tlsproxy.config.ClientAuth`):
+Three jobs, all for hosts with ``client_auth`` (`tlsproxy.config.ClientAuth`):
 
 * `load_client_auth` reads and checks the CA and CRL files once, when contexts
   are built (never inside a TLS callback), and `configure_context` applies them
   to that host's ``SSL.Context`` only: the trusted CAs (verify store and the CA
-  names sent in the CertificateRequest), the verify mode, the CRL check, and a
-  session ID context of the host's own, so that a session established for
-  another host cannot be resumed here without a certificate check.
+  names sent in the CertificateRequest), the verify mode and the CRL check.
+* `verified_peer` gives the proxy a connection's verified client certificate,
+  verifying it again when the TLS session was resumed: OpenSSL decides on
+  resumption before the servername callback picks the host, so a session made
+  for another host (with another CA, or without a certificate) can resume on a
+  client-auth host, and must not skip its check.
 * `identity_block` turns a verified client certificate into the request
   headers the backend receives: RFC 9440 ``Client-Cert`` and
   ``Client-Cert-Chain`` (``:base64-DER:`` byte sequences) and the configured
   subject (RFC 4514) and SHA-256 fingerprint headers.
 
-Chain, expiry and revocation are checked by OpenSSL during the handshake; this
-module never verifies certificates itself and never logs certificate contents.
+Chain, expiry and revocation are checked by OpenSSL: during the handshake, or
+(for a resumed session) through OpenSSL's ``X509StoreContext`` against the
+host's own store.  This module never logs certificate contents and reads no
+files outside `load_client_auth`.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 from collections.abc import Sequence
 
 import attrs
@@ -28,9 +32,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL, crypto
+from OpenSSL._util import lib as _lib
+from twisted.logger import Logger
 
 from tlsproxy.config import ClientAuth
 from tlsproxy.errors import Problem
+
+log = Logger()
 
 
 @attrs.frozen(eq=False)
@@ -121,12 +129,7 @@ def load_client_auth(settings: ClientAuth) -> tuple[ClientAuthMaterial | None, l
     return ClientAuthMaterial(settings=settings, cas=tuple(cas), crls=tuple(crls)), []
 
 
-def session_id_context(host: str) -> bytes:
-    """The session ID context of a client-auth host (at most 32 bytes, per host)."""
-    return b"tlsproxy-mtls:" + hashlib.sha256(host.encode("ascii")).digest()[:16]
-
-
-def configure_context(context: SSL.Context, host: str, material: ClientAuthMaterial) -> None:
+def configure_context(context: SSL.Context, material: ClientAuthMaterial) -> None:
     """Make ``context`` (one host's) ask for and verify client certificates."""
     store = context.get_cert_store()
     assert store is not None
@@ -136,19 +139,29 @@ def configure_context(context: SSL.Context, host: str, material: ClientAuthMater
         for crl in material.crls:
             store.add_crl(crl)
         store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
-    context.set_client_ca_list(
-        [crypto.X509.from_cryptography(cert).get_subject() for cert in material.cas]
-    )
+    context.load_client_ca(material.settings.ca.encode())  # the CA names to send
     context.set_verify(material.verify_mode)
-    context.set_session_id(session_id_context(host))
 
 
-def verified_peer(handle: object) -> tuple[x509.Certificate | None, list[x509.Certificate]]:
+#: `verified_peer`'s answer for a resumed session whose certificate this host
+#: does not accept.
+REJECTED = "rejected"
+
+
+def verified_peer(
+    handle: object,
+) -> tuple[x509.Certificate | None, list[x509.Certificate]] | str:
     """The client certificate OpenSSL verified on a connection, and the chain sent after it.
 
     ``handle`` is the ``SSL.Connection`` of a TLS transport (anything else has
     no certificate).  A certificate counts only if the connection verified
     peers (its host has ``client_auth``).
+
+    A resumed session skips the handshake's certificate check, and OpenSSL
+    decides resumption before the servername callback picks the host, so a
+    session made for another host (another CA, or none) could land here.  The
+    certificate of a resumed session is therefore verified again against this
+    host's trust store (CAs, CRLs, expiry, now); `REJECTED` if it fails.
     """
     if not isinstance(handle, SSL.Connection) or not handle.get_verify_mode() & SSL.VERIFY_PEER:
         return None, []
@@ -156,6 +169,18 @@ def verified_peer(handle: object) -> tuple[x509.Certificate | None, list[x509.Ce
     if leaf is None:
         return None, []
     chain = handle.get_peer_cert_chain() or []
+    if _lib.SSL_session_reused(handle._ssl):  # not in pyOpenSSL's API
+        store = handle.get_context().get_cert_store()
+        try:
+            assert store is not None
+            crypto.X509StoreContext(store, leaf, chain).verify_certificate()
+        except (crypto.X509StoreContextError, AssertionError) as exc:
+            log.info(
+                "client certificate of a resumed TLS session refused: {reason}",
+                reason=str(exc),
+                chain=len(chain),
+            )
+            return REJECTED
     return leaf.to_cryptography(), [c.to_cryptography() for c in chain]
 
 

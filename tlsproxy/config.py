@@ -80,12 +80,31 @@ class CertificateSource:
 
 
 @attrs.frozen
+class BackendTLS:
+    """How tlsproxy connects to ``https://`` backends (a host's ``backend_tls``).
+
+    ``ca`` is a PEM file of CAs to trust instead of the system store; ``cert``
+    and ``key`` a client certificate to present; ``insecure_skip_verify``
+    turns off certificate and name checks (labs only; warned about).
+    """
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    insecure_skip_verify: bool = False
+    path: str = ""
+
+
+@attrs.frozen
 class Backend:
-    """An upstream HTTP server: ``scheme`` is ``"http"``, ``port`` a TCP port."""
+    """An upstream HTTP server: ``scheme`` is ``"http"`` or ``"https"``, ``port`` a
+    TCP port; ``tls`` applies to ``https`` (None: the system's CAs, no client
+    certificate)."""
 
     scheme: str
     host: str
     port: int
+    tls: BackendTLS | None = None
 
     @property
     def url(self) -> str:
@@ -466,6 +485,7 @@ _HOST_KEYS = (
     "preserve_host",
     "acme",
     "client_auth",
+    "backend_tls",
 )
 _CERT_KEYS = ("key", "cert", "chain")
 
@@ -532,8 +552,11 @@ def _parse_backend(c: _Checker, value: object, path: str) -> Backend | None:
     except ValueError as exc:
         c.error(path, f"is not a valid URL ({exc})")
         return None
-    if url.scheme != "http":
-        c.error(path, f"must be an http:// URL such as http://127.0.0.1:8000, not {text!r}")
+    if url.scheme not in ("http", "https"):
+        c.error(
+            path,
+            f"must be an http:// or https:// URL such as http://127.0.0.1:8000, not {text!r}",
+        )
         return None
     if not url.hostname:
         c.error(path, "must name a host, as in http://127.0.0.1:8000")
@@ -544,7 +567,10 @@ def _parse_backend(c: _Checker, value: object, path: str) -> Backend | None:
     if port == 0:
         c.error(path, "must have a port from 1 to 65535, not 0")
         return None
-    return Backend(scheme="http", host=url.hostname, port=80 if port is None else port)
+    default_port = 80 if url.scheme == "http" else 443
+    return Backend(
+        scheme=url.scheme, host=url.hostname, port=default_port if port is None else port
+    )
 
 
 def _parse_host(
@@ -612,6 +638,21 @@ def _parse_host(
                 "a host with client certificates cannot also be served over plain HTTP "
                 "(insecure_plain_http), which would bypass them",
             )
+    if "backend_tls" in doc:
+        tpath = _join(path, "backend_tls")
+        tls = _parse_backend_tls(c, doc["backend_tls"], tpath)
+        backends = [b for b in (backend, *(r.backend for r in routes or ())) if b is not None]
+        if not any(b.scheme == "https" for b in backends):
+            c.error(tpath, "applies to https:// backends, and this host has none")
+        elif tls is not None and routes is not None and backend is not None:
+            if backend.scheme == "https":
+                backend = attrs.evolve(backend, tls=tls)
+            routes = tuple(
+                attrs.evolve(r, backend=attrs.evolve(r.backend, tls=tls))
+                if r.backend.scheme == "https"
+                else r
+                for r in routes
+            )
     if certificates is None or backend is None or routes is None:
         return None
     return HostConfig(
@@ -622,6 +663,35 @@ def _parse_host(
         routes=routes,
         **policy,
     )
+
+
+_BACKEND_TLS_KEYS = ("ca", "cert", "key", "insecure_skip_verify")
+
+
+def _parse_backend_tls(c: _Checker, value: object, path: str) -> BackendTLS | None:
+    doc = c.mapping(value, path, _BACKEND_TLS_KEYS)
+    if doc is None:
+        return None
+    ok = True
+    files: dict[str, str | None] = {}
+    for key in ("ca", "cert", "key"):
+        if key in doc:
+            files[key] = c.string(doc[key], _join(path, key))
+            ok = ok and files[key] is not None
+    if ("cert" in doc) != ("key" in doc):
+        c.error(path, "cert and key go together: give both or neither")
+        ok = False
+    insecure = False
+    if "insecure_skip_verify" in doc:
+        flag = c.boolean(doc["insecure_skip_verify"], _join(path, "insecure_skip_verify"))
+        ok = ok and flag is not None
+        insecure = bool(flag)
+        if insecure and "ca" in doc:
+            c.error(path, "ca has no effect with insecure_skip_verify: true; remove one")
+            ok = False
+    if not ok:
+        return None
+    return BackendTLS(insecure_skip_verify=insecure, path=path, **files)
 
 
 _CLIENT_AUTH_KEYS = ("ca", "mode", "crl", "subject_header", "fingerprint_header")

@@ -15,11 +15,11 @@ import os
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+
+from tlsproxy.certs import self_signed
 
 DEMO_HOST = "localhost"
 
@@ -45,26 +45,13 @@ def write_self_signed(directory: str, name: str = DEMO_HOST, days: int = 30) -> 
     import ipaddress
 
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
     sans: list[x509.GeneralName] = [
         x509.DNSName(name),
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
         x509.IPAddress(ipaddress.ip_address("::1")),
     ]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    now = datetime.datetime.now(datetime.UTC)
+    key, cert = self_signed(sans, name, now, datetime.timedelta(days=days))
     path = os.path.join(directory, f"{name}-selfsigned.pem")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:

@@ -1414,7 +1414,7 @@ class ProxyProtocol(TwistedProtocol):
         assert on_request is not None
         on_request(
             Entry(
-                time=self._started or now,
+                time=self._started,
                 client=self._client,
                 method=r.method or b"-",
                 target=r.target or b"-",
@@ -1422,7 +1422,7 @@ class ProxyProtocol(TwistedProtocol):
                 host=r.host,
                 status=self._rstatus,
                 bytes_sent=self._rsent,
-                duration=now - self._started if self._started else 0.0,
+                duration=now - self._started,
                 referer=referer,
                 user_agent=agent,
                 sni=self._server_name(),
@@ -1434,25 +1434,27 @@ class ProxyProtocol(TwistedProtocol):
         )
 
     def drain(self) -> None:
-        """Shutting down: close now if idle, else once the current request is answered.
+        """Shutting down: close now if no request is being served (idle, or its
+        head still arriving), else once the current request is answered.
 
         Called again and again by :meth:`ProxyFactory.drain` until the
-        connection is gone, so a request still arriving is served first.
+        connection is gone, so a request body still arriving is read first.
         """
         if self._closing or self._splicing:
             return
         r = self._current
-        if r is None and self._parsing is None and not self._pipeline:
+        if r is None:
             self._close()
-        elif r is not None and r.complete and self._parsing is None:
+        elif r.complete and self._parsing is None:
             self._stopped = True  # _next closes the connection after the pipeline
 
     def _client_identity(self, auth: ClientAuth) -> bytes | None:
         """The identity headers for a request to a site with ``auth``, or None.
 
-        None means the site requires a certificate and this connection has no
-        verified one (a resumed or misrouted connection); a site with
-        ``mode: optional`` gets empty headers then.  Computed once per
+        None means the connection may not reach the site: it has no verified
+        certificate and the site requires one, or it resumed a session whose
+        certificate the site does not accept (`clientauth.verified_peer`); a
+        site with ``mode: optional`` gets empty headers without a certificate.  Computed once per
         connection: the peer certificate cannot change (no renegotiation).
         """
         cached = self._identity
@@ -1462,12 +1464,14 @@ class ProxyProtocol(TwistedProtocol):
             handle = self._t.getHandle()  # type: ignore[attr-defined]
         except Exception:
             handle = None
-        leaf, chain = clientauth.verified_peer(handle)
+        peer = clientauth.verified_peer(handle)
         block: bytes | None
-        if leaf is None:
-            block = None if auth.mode == "required" else b""
+        if peer == clientauth.REJECTED:
+            block = None
+        elif isinstance(peer, tuple) and peer[0] is not None:
+            block = clientauth.identity_block(auth, peer[0], peer[1])
         else:
-            block = clientauth.identity_block(auth, leaf, chain)
+            block = None if auth.mode == "required" else b""
         self._identity = (auth, block)
         return block
 

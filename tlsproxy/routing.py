@@ -12,6 +12,12 @@ none goes to the host's ``backend``.  Prefixes are compared byte for byte with
 the request target as the client sent it (no decoding), like nginx's prefix
 ``location`` blocks.
 
+When any site uses client certificates (``client_auth``), a request is bound
+to its TLS handshake: a ``Host`` that names a different site than the SNI did
+(or than the default host, without SNI), where either site uses client
+certificates, gets no route — so a connection authenticated for one site, or
+not at all, never reaches a protected one (nginx answers 421 here too).
+
 Routing is two steps so that the proxy can cache the first per connection:
 `Router.table` finds the site's `RouteTable` from the host name (the costly
 part), `RouteTable.route` picks the route for a path (a few ``startswith``

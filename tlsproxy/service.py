@@ -23,6 +23,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from tlsproxy.acme.manager import AcmeService, ThreadedIssuer
 from tlsproxy.acme.store import acme_certificates, acme_store, temporary_certificate
 from tlsproxy.audit import describe, grade_config
+from tlsproxy.backendtls import check_backend_tls
 from tlsproxy.certs import CertifiedKey, check_certified_key, load_certified_key
 from tlsproxy.config import Backend, Config, load_config
 from tlsproxy.drain import drain
@@ -128,7 +129,7 @@ def prepare(
     """
     certificates, problems = load_certificates(config, now)
     contexts, tls_problems = build_server_contexts(config, certificates, challenges)
-    problems += tls_problems + plain_problems(config)
+    problems += tls_problems + plain_problems(config) + check_backend_tls(config)
     header_policies, header_problems = build_header_policies(config, certificates)
     problems += header_problems
     errors = [p for p in problems if not p.warning]
@@ -183,6 +184,7 @@ class Runtime:
         for warning in prepared.warnings:
             log.warn("{message}", message=warning.render(prepared.config.source))
         self.creator.swap(prepared.contexts)
+        self.proxy.pools.reload_tls()
         self.proxy.router = prepared.router
         self.proxy.unrouted_headers = prepared.router.unrouted_headers
         self.plain_site.resource = prepared.plain
@@ -212,6 +214,9 @@ class Runtime:
             log.warn("listen changed: the listeners change at the next restart")
         if config.proxy != self.current.config.proxy:
             log.warn("proxy changed: limits and timeouts change at the next restart")
+        old = self.current.config
+        if (config.access_log, config.metrics) != (old.access_log, old.metrics):
+            log.warn("access_log or metrics changed: they change at the next restart")
         self.apply(prepared)
         log.info("reloaded {source}: {hosts} hosts", source=config.source, hosts=len(config.hosts))
         if self.acme is not None:
@@ -221,13 +226,20 @@ class Runtime:
         return True
 
     def watched_paths(self) -> list[str]:
-        """The files a reload would re-read: the config file and every certificate."""
+        """The files a reload would re-read: the config file, every certificate, and
+        the client-certificate CA/CRL and backend TLS files."""
         paths = [self.config_path] if self.config_path else []
         for host in self.current.config.hosts:
             for source in host.certificates:
                 paths += [source.key, source.cert]
                 if source.chain:
                     paths.append(source.chain)
+            if host.client_auth is not None:  # CA and CRL files (a CRL is replaced often)
+                paths += [p for p in (host.client_auth.ca, host.client_auth.crl) if p]
+            for backend in (host.backend, *(r.backend for r in host.routes)):
+                if backend.tls is not None:
+                    tls = backend.tls
+                    paths += [p for p in (tls.ca, tls.cert, tls.key) if p and p not in paths]
         return paths
 
     def certificates_changed(self) -> bool:
@@ -324,6 +336,7 @@ def build_service(
         )
         runtime.acme.setServiceParent(top)
     tls_factory = TLSMemoryBIOFactory(creator, False, proxy)
+    tls_factory.noisy = False  # our ListeningService logs each listener once
     for i, endpoint in enumerate(https):
         where = f"{config.source}: listen.https[{i}] ({config.listen.https[i]})"
         ListeningService(endpoint, tls_factory, where, foreground).setServiceParent(top)

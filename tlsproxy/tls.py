@@ -15,6 +15,11 @@ servername callback switches it to the named host's context by an in-memory
 lookup.  `SNIConnectionCreator.swap` installs a new `ServerContexts` on reload;
 existing connections keep the contexts they started with.
 
+A host with ``client_auth`` gets the trust store, CA names and verify mode of
+`tlsproxy.clientauth` on its context only; the servername callback copies
+the host's verify mode onto the connection (OpenSSL does not when switching
+contexts), so a CertificateRequest goes out only for such hosts.
+
 `ChallengeCertificates` holds the tls-alpn-01 answers of the built-in ACME
 client (RFC 8737): when a ClientHello for a name with a pending challenge
 offers ALPN ``acme-tls/1``, the ALPN callback switches the connection to the
@@ -71,8 +76,8 @@ _VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 # One session ID context for every context of a policy: the session cache and
 # ticket keys live in the connection's initial (default-host) context, and a
 # session must stay resumable after the servername callback switched contexts.
-# Hosts with client_auth have one of their own (tlsproxy.clientauth), so that a
-# session made for another host is never resumed on them without a certificate.
+# A session from another host can therefore resume on a client-auth host; see
+# _servername_switcher and tlsproxy.clientauth.verified_peer for how that is made safe.
 _SESSION_ID_CONTEXT = b"tlsproxy"
 
 
@@ -363,8 +368,13 @@ def _servername_switcher(
     connection is created, not when ``SSL_set_SSL_CTX`` switches it, so the
     connection's mode is set here whenever the host's differs (``verify_modes``
     holds the contexts of hosts with ``client_auth``; others verify nothing).
-    The CA names and the verify store are read from the switched-to context,
-    and so is the session ID context (copied by ``SSL_set_SSL_CTX``).
+    The CA names and the verify store are read from the switched-to context.
+
+    OpenSSL decides on resumption before this callback runs, with the initial
+    context's session ID context, so a session from another host can resume
+    here; `tlsproxy.clientauth.verified_peer` verifies a resumed session's
+    certificate again for the host, and the proxy refuses the request if it
+    fails.
     """
 
     def on_servername(connection: SSL.Connection) -> None:
@@ -374,6 +384,11 @@ def _servername_switcher(
             mode = verify_modes.get(context, SSL.VERIFY_NONE)
             if mode != connection.get_verify_mode():
                 connection.set_verify(mode)
+            if mode != SSL.VERIFY_NONE:
+                # Stateful sessions only (the server cache keeps the client's
+                # chain, which a stateless ticket drops), so that a resumed
+                # session's certificate can be verified again for this host.
+                _lib.SSL_set_options(connection._ssl, SSL.OP_NO_TICKET)
 
     return on_servername
 
@@ -435,7 +450,7 @@ def build_server_contexts(
             material, more = load_client_auth(host.client_auth)
             problems += more
             if material is not None:
-                configure_context(context, host.name, material)
+                configure_context(context, material)
                 verify_modes[context] = material.verify_mode
         for name in host.names:
             if name not in table:

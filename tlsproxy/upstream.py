@@ -1,6 +1,7 @@
 """Pooled persistent HTTP/1.1 connections to backends.
 
-One job: hand the proxy a connected TCP transport to a backend, reusing an idle
+One job: hand the proxy a connected TCP transport to a backend (TLS-wrapped
+for ``https://`` backends, see `tlsproxy.backendtls`), reusing an idle
 one when it is safe, and keep track of idle and busy connections' deadlines.
 This module moves bytes and owns connection lifetimes; it does not parse HTTP
 (the proxy protocol that borrows a connection parses the response itself) and
@@ -31,6 +32,7 @@ from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -268,6 +270,19 @@ class _ConnectAttempt(ClientFactory):
             user.backend_connect_failed(reason)
 
 
+class _TLSConnectAttempt(TLSMemoryBIOFactory):
+    """A `_ConnectAttempt` whose connection speaks TLS (an ``https`` backend).
+
+    The backend connection sees the TLS transport: writes before the
+    handshake completes are buffered, and a failed handshake (unknown CA,
+    wrong name) is a lost connection, which the proxy answers with 502.
+    """
+
+    def __init__(self, creator: Any, attempt: _ConnectAttempt) -> None:
+        super().__init__(creator, True, attempt)
+        self.noisy = False
+
+
 class UnsupportedBackend(Exception):
     """The backend's scheme is not one this pool can connect to."""
 
@@ -293,6 +308,8 @@ class UpstreamPools:
         self._idle: dict[BackendLike, list[BackendConnection]] = {}
         self._connections: set[BackendConnection] = set()
         self._attempts: dict[BackendUser, _ConnectAttempt] = {}
+        #: TLS connection creators of https backends (see `_tls_creator`).
+        self._creators: dict[BackendLike, Any] = {}
         self._sweeper: LoopingCall | None = None
         self._closed = False
 
@@ -320,7 +337,16 @@ class UpstreamPools:
     def connect(self, backend: BackendLike, user: BackendUser) -> None:
         """Open a new connection for ``user`` (not taken from the idle pool)."""
         attempt = _ConnectAttempt(self, backend, user)
-        if backend.scheme != "http":
+        factory: Any = attempt
+        if backend.scheme == "https":
+            creator = self._tls_creator(backend)
+            if creator is None:
+                failure = Failure(UnsupportedBackend(f"TLS to {describe(backend)} is unusable"))
+                self._reactor.callLater(0, attempt.clientConnectionFailed, None, failure)
+                self._attempts[user] = attempt
+                return
+            factory = _TLSConnectAttempt(creator, attempt)
+        elif backend.scheme != "http":
             failure = Failure(UnsupportedBackend(f"unsupported backend scheme {backend.scheme!r}"))
             self._reactor.callLater(0, attempt.clientConnectionFailed, None, failure)
             self._attempts[user] = attempt
@@ -329,9 +355,34 @@ class UpstreamPools:
         self._reactor.connectTCP(
             backend.host,
             backend.port,
-            attempt,
+            factory,
             timeout=self._settings.backend_connect_timeout,
         )
+
+    def reload_tls(self) -> None:
+        """Re-read ``https`` backends' TLS files at their next new connection (after
+        a reload: a rotated CA or client certificate takes effect; idle
+        connections already verified stay until they expire)."""
+        self._creators.clear()
+
+    def _tls_creator(self, backend: BackendLike) -> Any:
+        """The TLS connection creator of an ``https`` backend, built once (None if
+        its files became unusable since start-up checked them; logged)."""
+        creator = self._creators.get(backend)
+        if creator is None:
+            from tlsproxy.backendtls import client_creator
+
+            try:
+                creator = client_creator(backend)  # type: ignore[arg-type]
+            except Exception as exc:
+                log.error(
+                    "cannot set up TLS to {backend}: {error}",
+                    backend=describe(backend),
+                    error=str(exc),
+                )
+                return None
+            self._creators[backend] = creator
+        return creator
 
     def cancel(self, user: BackendUser) -> None:
         """``user`` no longer wants the connection it is waiting for.

@@ -12,10 +12,12 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import signal
 import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -70,6 +72,7 @@ class Setup:
             days=10,
         )
         self.stranger = self.other_ca.issue(["eve"], client=True)
+        self.other_ca_file = pki.write_ca_file(tmp, self.other_ca, "other-ca.pem")
         crl = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.client_ca.intermediate.cert.subject)
@@ -97,6 +100,7 @@ class Setup:
                 },
             ),
             ("opt.test", {"ca": str(self.client_ca_file), "mode": "optional"}),
+            ("other.test", {"ca": str(self.other_ca_file)}),
             (
                 "crl.test",
                 {"ca": str(self.client_ca_file), "crl": str(self.crl_file)},
@@ -168,7 +172,7 @@ def get(
         data = b""
         while chunk := tls.recv(65536):
             data += chunk
-        resumption = (tls.session, tls.session_reused)
+        resumption = (tls.session, bool(tls.session_reused))
     finally:
         tls.close()
     if not data:
@@ -288,13 +292,28 @@ def test_host_must_match_the_handshake(
     assert status == 421
 
 
+def refused(proxy: TlsproxyProcess, ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> bool:
+    """Whether a request to api.test offering ``session`` fails or is answered 421.
+
+    OpenSSL decides on resumption before the servername callback chooses the
+    host, so the session may resume (TLS 1.2 then keeps the session's host);
+    the proxy must then refuse the request instead.
+    """
+    try:
+        status, _, _ = get(proxy, ctx, "api.test", "api.test", session=session)
+    except OSError:
+        return True
+    return status == 421
+
+
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 def test_resumed_session_from_another_host_needs_a_certificate(
     setup: tuple[Setup, TlsproxyProcess], version: ssl.TLSVersion
 ) -> None:
-    """A session made on a host without client certificates is not resumed on a
-    client-auth host: the client must present a certificate.  Sessions made on
-    the client-auth host itself resume and keep the identity."""
+    """A session made on a host without client certificates, or on a host that
+    trusts another CA, never gets a client onto a client-auth host (the
+    handshake fails or the request is answered 421).  A TLS 1.2 session made
+    on the client-auth host itself resumes and keeps the identity."""
     s, proxy = setup
     ctx = client_context(s, version=version)
     status, _, (session, _) = get(proxy, ctx, "www.test", "www.test")
@@ -302,16 +321,19 @@ def test_resumed_session_from_another_host_needs_a_certificate(
     assert session is not None
     _, _, (_, reused) = get(proxy, ctx, "www.test", "www.test", session=session)
     assert reused, "control: the session resumes on its own host"
-    try:
-        outcome = get(proxy, ctx, "api.test", "api.test", session=session)
-    except OSError:
-        outcome = None
-    print("DIAG", version, outcome)
+    assert refused(proxy, ctx, session)
+    ctx = client_context(s, s.stranger, version=version)
+    status, _, (session, _) = get(proxy, ctx, "other.test", "other.test")
+    assert status == 200
+    assert refused(proxy, ctx, session), "a certificate of another host's CA"
     ctx = client_context(s, s.good, version=version)
     _, _, (session, _) = get(proxy, ctx, "api.test", "api.test")
     status, body, (_, reused) = get(proxy, ctx, "api.test", "api.test", session=session)
     assert status == 200
-    assert reused
+    # TLS 1.2 resumes from the server's session cache, which keeps the client's
+    # chain; client-auth hosts issue no stateless tickets, and the TLS 1.3
+    # stateful tickets are not resumed (the client then does a full handshake).
+    assert reused == (version == ssl.TLSVersion.TLSv1_2)
     assert headers_of(body)["x-client-subject"] == ["CN=alice,O=tlsproxy tests"]
 
 
@@ -340,3 +362,39 @@ def test_curl_with_client_certificate(setup: tuple[Setup, TlsproxyProcess]) -> N
     assert headers_of(json.loads(out.stdout))["x-client-subject"] == ["CN=alice,O=tlsproxy tests"]
     out = subprocess.run(base, capture_output=True, timeout=TIMEOUT + 5)
     assert out.returncode != 0
+
+
+def test_sighup_applies_a_new_crl(tmp_path: Path) -> None:
+    """Replacing the CRL file and sending SIGHUP revokes a client certificate for new
+    connections (client_auth files are re-read on reload, like certificates)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HeaderEcho)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    s = Setup(tmp_path, server.server_address[1])
+    empty = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(s.client_ca.intermediate.cert.subject)
+        .last_update(pki.now() - datetime.timedelta(hours=1))
+        .next_update(pki.now() + datetime.timedelta(days=7))
+        .sign(s.client_ca.intermediate.key, hashes.SHA256())
+    )
+    revoking = s.crl_file.read_bytes()
+    s.crl_file.write_bytes(empty.public_bytes(Encoding.PEM))
+    (tmp_path / "proxy").mkdir()
+    proxy = start_tlsproxy(s.config, tmp_path / "proxy")
+    try:
+        status, _, _ = get(proxy, client_context(s, s.revoked), "crl.test", "crl.test")
+        assert status == 200
+        s.crl_file.write_bytes(revoking)
+        proxy.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while "reloaded " not in proxy.log and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "reloaded " in proxy.log
+        with pytest.raises(OSError):
+            get(proxy, client_context(s, s.revoked), "crl.test", "crl.test")
+        status, _, _ = get(proxy, client_context(s, s.good), "crl.test", "crl.test")
+        assert status == 200
+    finally:
+        proxy.stop()
+        server.shutdown()
+        server.server_close()

@@ -1,13 +1,18 @@
 """Operating the real ``twistd -n tlsproxy``: access log lines (combined and JSON, reopened
-on SIGUSR1), Prometheus metrics scraped over HTTP, and draining in-flight requests on SIGTERM."""
+on SIGUSR1), Prometheus metrics scraped over HTTP, draining in-flight requests on SIGTERM,
+and dropping privileges after binding (``twistd -u/-g``)."""
 
 from __future__ import annotations
 
+import grp
 import json
+import os
+import pwd
 import re
 import signal
 import socket
 import ssl
+import subprocess
 import threading
 import time
 import urllib.request
@@ -17,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from cryptography import x509
 
 from tests import pki
-from tests.e2e.harness import free_port, start_tlsproxy
+from tests.e2e.harness import free_port, start_tlsproxy, twistd_command, wait_for_port
 
 pytestmark = pytest.mark.e2e
 
@@ -84,15 +90,16 @@ def get(
 ) -> bytes:
     """One HTTPS request (SNI ``site.test``) with ``Connection: close``; the whole response."""
     context = ssl.create_default_context(cafile=str(ca))
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
-        with context.wrap_socket(raw, server_hostname=NAME) as tls:
-            tls.sendall(
-                f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n".encode()
-            )
-            out = b""
-            while chunk := tls.recv(65536):
-                out += chunk
-            return out
+    head = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n"
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw,
+        context.wrap_socket(raw, server_hostname=NAME) as tls,
+    ):
+        tls.sendall(head.encode())
+        out = b""
+        while chunk := tls.recv(65536):
+            out += chunk
+        return out
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
@@ -116,7 +123,7 @@ def lines(path: Path, count: int) -> list[str]:
 
 
 COMBINED = re.compile(
-    r'^127\.0\.0\.1 - - \[\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] '
+    r"^127\.0\.0\.1 - - \[\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] "
     r'"GET /hello\?x=1 HTTP/1\.1" 200 (\d+) "https://ref\.example/page" "probe/1\.0"$'
 )
 PRIVATE = (
@@ -280,3 +287,61 @@ def test_drain_timeout_cuts_off_what_is_left(tmp_path: Path, backend: Any, certs
     assert out and not (isinstance(out[0], bytes) and out[0].startswith(b"HTTP/1.1 200"))
     assert "drain timeout: dropping 1 connections" in proxy.log
     proxy.stop()
+
+
+def _privileged_free_port() -> int:
+    """A port below 1024 that is free on 127.0.0.1 (only root can bind it)."""
+    for port in range(1023, 900, -1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below 1024")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binding a port below 1024 needs root")
+def test_privileges_dropped_after_binding(tmp_path: Path, backend: Any, certs: Any) -> None:
+    """``twistd -u nobody -g nogroup`` binds a port below 1024 and reads the certificates as
+    root, then runs as nobody and keeps serving HTTPS (and writing its access log)."""
+    nobody, nogroup = pwd.getpwnam("nobody"), grp.getgrnam("nogroup")
+    port = _privileged_free_port()
+    log = tmp_path / "access.log"
+    config = _config(certs, backend.server_address[1], access_log={"path": str(log)})
+    config["listen"] = {"https": [f"tcp:{port}:interface=127.0.0.1"]}
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    output = open(tmp_path / "tlsproxy.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        twistd_command(
+            "-n",
+            "--pidfile=",
+            f"--uid={nobody.pw_uid}",
+            f"--gid={nogroup.gr_gid}",
+            "tlsproxy",
+            "--config",
+            str(path),
+        ),
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    try:
+        wait_for_port(port, proc)
+        assert get(port, certs[1], "/as-nobody").endswith(b"done /as-nobody\n")
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)$", status, re.M)
+        gids = re.search(r"^Gid:\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)$", status, re.M)
+        assert uids is not None and gids is not None
+        assert {int(u) for u in uids.groups()} == {nobody.pw_uid}
+        assert {int(g) for g in gids.groups()} == {nogroup.gr_gid}
+        assert "/as-nobody" in lines(log, 1)[0]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        output.close()

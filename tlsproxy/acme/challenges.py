@@ -20,10 +20,11 @@ from typing import Any
 
 from acme import challenges, messages
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID, ObjectIdentifier
+from cryptography.x509.oid import ObjectIdentifier
 from josepy.jwk import JWK
+
+from tlsproxy.certs import self_signed
 
 #: RFC 8737 section 3: id-pe-acmeIdentifier.
 ACME_IDENTIFIER_OID = ObjectIdentifier("1.3.6.1.5.5.7.1.31")
@@ -70,20 +71,11 @@ def alpn_certificate(
 
     :param digest: the SHA-256 of the key authorization (`TLSALPN01.validation`).
     """
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ACME challenge")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(
-            x509.UnrecognizedExtension(ACME_IDENTIFIER_OID, b"\x04\x20" + digest), critical=True
-        )
-        .sign(key, hashes.SHA256())
+    key, cert = self_signed(
+        [x509.DNSName(name)],
+        "ACME challenge",
+        now,
+        datetime.timedelta(days=1),
+        [(x509.UnrecognizedExtension(ACME_IDENTIFIER_OID, b"\x04\x20" + digest), True)],
     )
     return key, cert

@@ -32,6 +32,8 @@ def run(config: Config, hosts: list[HostConfig], directory: str, state: str) -> 
     trial = attrs.evolve(
         config,
         acme=attrs.evolve(config.acme, directory=directory, state_dir=state, retry_initial=3600.0),
+        access_log=None,  # a rehearsal writes nothing into the live log
+        metrics=None,  # nor binds the live metrics port
     )
     names = {h.name for h in hosts}
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)

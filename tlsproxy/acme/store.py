@@ -30,11 +30,16 @@ from typing import Any
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 
-from tlsproxy.certs import CertifiedKey, ServerKey, check_certified_key, load_certified_key
+from tlsproxy.certs import (
+    CertifiedKey,
+    ServerKey,
+    check_certified_key,
+    load_certified_key,
+    self_signed,
+)
 from tlsproxy.config import CertificateSource, Config, HostConfig
 from tlsproxy.errors import Problem
 
@@ -245,21 +250,11 @@ def temporary_certificate(host: HostConfig, now: datetime.datetime) -> Certified
     Served until the first certificate is issued, so the HTTPS listener (and
     tls-alpn-01) work from the start; browsers show it as untrusted.
     """
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tlsproxy temporary certificate")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + TEMPORARY_LIFETIME)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(n) for n in host.names]), critical=False
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
+    key, cert = self_signed(
+        [x509.DNSName(n) for n in host.names],
+        "tlsproxy temporary certificate",
+        now,
+        TEMPORARY_LIFETIME,
     )
     where = f"hosts.{host.name}.acme"
     return CertifiedKey(
