@@ -312,3 +312,18 @@ def test_example_config_documents_working_keys() -> None:
     assert set(doc) == {"access_log", "metrics", "drain_timeout"}
     config = parse_config({**DOC, **doc}, "example.yaml")
     assert config.access_log is not None and config.metrics is not None
+
+
+def test_handshake_failure_reason_is_openssls_short_reason() -> None:
+    """A failed TLS handshake is labelled with OpenSSL's reason string; a connection closed
+    before any handshake gets a fixed label, so the metric's labels stay few."""
+    from OpenSSL.SSL import Error as SSLError
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    from tlsproxy.proxy import handshake_failure_reason
+
+    error = SSLError([("SSL routines", "", "no shared cipher")])
+    assert handshake_failure_reason(Failure(error)) == "no shared cipher"
+    assert handshake_failure_reason(Failure(SSLError([]))) == "tls error"
+    assert handshake_failure_reason(Failure(ConnectionDone())) == "closed before handshake"

@@ -2,7 +2,8 @@
 
 One job: keep a private ``prometheus_client`` registry with the request
 counter and upstream latency histogram (fed from the engine's ``on_request``,
-one counter increment and at most one histogram observation per request) and
+one counter increment and at most one histogram observation per request), the
+TLS handshake and handshake-failure counters (fed from ``on_tls``), and
 collectors that read the rest at scrape time: open connections, certificate
 expiry per host, and the ACME service's state per host.
 
@@ -60,6 +61,17 @@ class Metrics:
             buckets=BUCKETS,
             registry=self.registry,
         )
+        self._handshakes = Counter(
+            "tlsproxy_tls_handshakes",
+            "TLS handshakes completed on the HTTPS listeners.",
+            registry=self.registry,
+        )
+        self._handshake_failures = Counter(
+            "tlsproxy_tls_handshake_failures",
+            "TLS connections that closed before their handshake completed, by OpenSSL's reason.",
+            ["reason"],
+            registry=self.registry,
+        )
         self.registry.register(_StateCollector(connections, certificates, acme_statuses))
         self._counters: dict[tuple[str | None, int], Any] = {}
         self._histograms: dict[str, Any] = {}
@@ -78,6 +90,13 @@ class Metrics:
             if histogram is None:
                 histogram = self._histograms[upstream] = self._upstream.labels(upstream)
             histogram.observe(e.duration)
+
+    def tls(self, failure: str | None) -> None:
+        """Count one TLS handshake, or one failure with its reason (the engine's ``on_tls``)."""
+        if failure is None:
+            self._handshakes.inc()
+        else:
+            self._handshake_failures.labels(failure).inc()
 
 
 def _timestamp(text: str | None) -> float | None:

@@ -45,8 +45,9 @@ from httptools.parser.errors import (
     HttpParserInvalidMethodError,
     HttpParserUpgrade,
 )
+from OpenSSL.SSL import Error as SSLError
 from twisted.internet import error
-from twisted.internet.interfaces import IAddress, IPushProducer
+from twisted.internet.interfaces import IAddress, IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.task import LoopingCall
@@ -272,6 +273,19 @@ def _error_bytes(status: int, close: bool, head_only: bool, extra: bytes = b"") 
     return head if head_only else head + body
 
 
+def handshake_failure_reason(reason: Failure) -> str:
+    """A short, bounded label for why a TLS connection closed before its handshake
+    completed: OpenSSL's reason (``no shared cipher``, ``unsupported protocol``,
+    ``tlsv1 alert unknown ca``…) or ``closed before handshake``."""
+    exc = reason.value
+    if isinstance(exc, SSLError) and exc.args and isinstance(exc.args[0], list):
+        for entry in reversed(exc.args[0]):
+            if isinstance(entry, tuple) and entry and isinstance(entry[-1], str) and entry[-1]:
+                return entry[-1][:64]
+        return "tls error"
+    return "closed before handshake"
+
+
 class _Reject(Exception):
     """Raised inside a parser callback to stop parsing with an HTTP status."""
 
@@ -379,7 +393,7 @@ class _ResponseCallbacks:
 _UNSET: Any = object()
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class ProxyProtocol(TwistedProtocol):
     """One client connection.  Built by :class:`ProxyFactory`; not configured directly.
 
@@ -463,6 +477,7 @@ class ProxyProtocol(TwistedProtocol):
         self._rstatus = 0
         self._rsent = 0
         self._tls: tuple[str | None, str | None] | None = None
+        self._handshake_done = False
 
     # ------------------------------------------------------------------ Protocol
 
@@ -547,7 +562,17 @@ class ProxyProtocol(TwistedProtocol):
                 if r.raw_idle > self._max_header_bytes + _FRAMING_SLACK:
                     self._reject_parsing(431, "chunk framing or trailers too large")
 
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake succeeded (called by Twisted's TLS layer)."""
+        self._handshake_done = True
+        on_tls = self._factory.on_tls
+        if on_tls is not None:
+            on_tls(None)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        on_tls = self._factory.on_tls
+        if on_tls is not None and not self._handshake_done and self._factory.scheme == "https":
+            on_tls(handshake_failure_reason(reason))
         self._closing = True
         self._stopped = True
         self._factory._untrack(self)
@@ -1583,6 +1608,9 @@ class ProxyFactory(Factory):
         #: Called with an :class:`~tlsproxy.accesslog.Entry` as each response
         #: completes (access log, metrics); None costs nothing per request.
         self.on_request: Callable[[Entry], object] | None = None
+        #: Called once per TLS connection (``scheme == "https"``): with None when
+        #: the handshake succeeds, else with `handshake_failure_reason` (metrics).
+        self.on_tls: Callable[[str | None], object] | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> ProxyProtocol:
         return ProxyProtocol(self)

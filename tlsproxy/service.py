@@ -449,6 +449,7 @@ def _wire_observers(
             lambda: {n: s.status for n, s in runtime.acme.slots.items()} if runtime.acme else {},
         )
         hooks.append(metrics)
+        runtime.proxy.on_tls = metrics.tls
         root = Resource()
         root.putChild(b"metrics", MetricsResource(metrics.registry))  # type: ignore[no-untyped-call]
         where = f"{config.source}: metrics.listen ({config.metrics.listen})"

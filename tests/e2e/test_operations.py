@@ -231,6 +231,34 @@ def test_metrics_scraped_over_http(tmp_path: Path, backend: Any, certs: Any) -> 
         assert _sample(text, "tlsproxy_open_connections") is not None
         expiry = _sample(text, "tlsproxy_certificate_expiry_timestamp_seconds", host=NAME)
         assert expiry == certs[2].not_valid_after_utc.timestamp()
+        assert _sample(text, "tlsproxy_tls_handshakes_total") == 4
+
+        # A client offering only a suite without forward secrecy, and a client that hangs
+        # up before its handshake, are failures, by reason.
+        def failures() -> dict[str, float]:
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                text = answer.read().decode()
+            return {
+                reason: _sample(text, "tlsproxy_tls_handshake_failures_total", reason=reason) or 0
+                for reason in ("no shared cipher", "closed before handshake")
+            }
+
+        before = failures()  # the harness's readiness probe closed before a handshake
+        old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+        old.maximum_version = ssl.TLSVersion.TLSv1_2
+        old.set_ciphers("AES128-SHA")
+        with (
+            socket.create_connection(("127.0.0.1", proxy.https_port), timeout=10) as raw,
+            pytest.raises(ssl.SSLError),
+        ):
+            old.wrap_socket(raw, server_hostname=NAME)
+        socket.create_connection(("127.0.0.1", proxy.https_port), timeout=10).close()
+        expected = {reason: count + 1 for reason, count in before.items()}
+        deadline = time.monotonic() + 10
+        while failures() != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert failures() == expected
     finally:
         assert proxy.stop() == STOPPED
 
