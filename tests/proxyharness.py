@@ -16,7 +16,7 @@ moves with ``harness.advance``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -27,6 +27,7 @@ from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
+from tlsproxy.clientauth import stripped_headers
 from tlsproxy.config import Backend
 from tlsproxy.proxy import ProxyFactory, ProxyProtocol, ProxySettings
 from tlsproxy.routing import Route, RouteTable
@@ -301,14 +302,30 @@ class SNIHandle:
 class FunctionRouter:
     """A router from a function ``(sni, host) -> Route | RouteTable | None``."""
 
-    def __init__(self, find: Callable[[str | None, bytes], Route | RouteTable | None]) -> None:
+    def __init__(
+        self,
+        find: Callable[[str | None, bytes], Route | RouteTable | None],
+        identity_headers: frozenset[bytes] = frozenset(),
+    ) -> None:
         self.find = find
+        self.identity_headers = identity_headers
 
     def table(self, sni: str | None, host: bytes) -> RouteTable | None:
         found = self.find(sni, host)
         if isinstance(found, Route):
             return RouteTable(found)
         return found
+
+
+def _identity_headers(routes: Iterable[Route | RouteTable]) -> frozenset[bytes]:
+    """Every identity header name the routes' ``client_auth`` configures (like `Router`)."""
+    names: frozenset[bytes] = frozenset()
+    for found in routes:
+        table = RouteTable(found) if isinstance(found, Route) else found
+        for route in (table.default, *(r for _, r in table.prefixes)):
+            if route.client_auth is not None:
+                names |= stripped_headers(route.client_auth)
+    return names
 
 
 class Harness:
@@ -342,7 +359,7 @@ class Harness:
         self.router_calls: list[tuple[str | None, bytes]] = []
         self.pools = UpstreamPools(self.reactor, self.settings)
         self.factory = ProxyFactory(
-            router=FunctionRouter(self.route),
+            router=FunctionRouter(self.route, _identity_headers(self.routes.values())),
             pools=self.pools,
             clock=self.reactor,
             settings=self.settings,

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import attrs
@@ -30,10 +31,11 @@ from tests.test_tls import World, client_context, connect, world
 from tlsproxy.acme import schedule
 from tlsproxy.acme.challenges import ACME_IDENTIFIER_OID, alpn_certificate
 from tlsproxy.acme.issuance import IssuanceError, _retry_after
-from tlsproxy.acme.manager import AcmeService
-from tlsproxy.acme.store import AcmeStore, temporary_certificate, write_atomic
+from tlsproxy.acme.manager import AcmeService, ThreadedIssuer
+from tlsproxy.acme.store import AcmeStore, key_pem, temporary_certificate, write_atomic
 from tlsproxy.config import ACME_DIRECTORIES, Config, parse_yaml
 from tlsproxy.errors import ConfigError
+from tlsproxy.plain import ChallengeTokens
 from tlsproxy.tls import (
     ALPN_ACME_TLS,
     ChallengeCertificates,
@@ -119,11 +121,11 @@ def test_a_corrupt_account_key_is_reported_not_replaced(tmp_path: Path) -> None:
 
 
 def _store_leaf(store: AcmeStore, leaf: pki.Leaf, key_type: str = "ecdsa") -> None:
-    store.save_certificate(
-        "site.example",
-        key_type,
-        leaf.key,
-        pki.cert_pem(leaf.cert, *leaf.chain),  # type: ignore[arg-type]
+    """Put ``leaf`` on disk as the stored certificate, unchecked (as a damaged file would be)."""
+    store.ensure()
+    write_atomic(
+        store.certificate_path("site.example", key_type),
+        key_pem(leaf.key) + pki.cert_pem(leaf.cert, *leaf.chain),  # type: ignore[arg-type]
     )
 
 
@@ -241,7 +243,7 @@ class FakeCA:
     store: AcmeStore
     clock: Clock
     days: float = 90
-    failures: list[IssuanceError] = attrs.field(factory=list)
+    failures: list[Exception] = attrs.field(factory=list)
     #: ARI: renew this long after the certificate's notBefore (None: no ARI).
     ari: datetime.timedelta | None = None
     issued: list[str] = attrs.field(factory=list)
@@ -259,7 +261,10 @@ class FakeCA:
             not_after=start + datetime.timedelta(days=self.days),
         )
         fullchain = pki.cert_pem(leaf.cert, *leaf.chain)
-        self.store.save_certificate(host.name, key_type, leaf.key, fullchain)  # type: ignore[arg-type]
+        try:
+            self.store.save_certificate(host, key_type, leaf.key, fullchain, start)  # type: ignore[arg-type]
+        except Exception as exc:
+            return fail(exc)
         return succeed(fullchain)
 
     def renewal_info(self, fullchain: bytes) -> Deferred[datetime.datetime | None]:
@@ -568,3 +573,77 @@ def test_http01_only_without_a_port_80_listener_is_refused(tmp_path: Path) -> No
         "hosts:\n  a.example: {acme: true, backend: 'http://127.0.0.1:1'}\n"
     )
     assert "acme.challenges: http-01 needs a port-80 listener (listen.http)" in text
+
+
+def test_a_certificate_that_cannot_be_stored_is_retried_and_shown(tmp_path: Path) -> None:
+    """When a new certificate cannot be written (disk full), the host is not forgotten:
+    the error is shown in the status, and issuance is retried after the back-off."""
+    rig = _rig(tmp_path, start=False)
+    rig.ca.failures = [OSError(28, "No space left on device")]
+    rig.service.startService()
+    rig.clock.advance(0)
+    saved = AcmeStore(str(tmp_path)).statuses()["site.example"]
+    assert saved.failures == 1 and "No space left on device" in (saved.last_error or "")
+    assert rig.applied == []
+    assert 30 <= rig.delay() <= 60  # retry_initial back-off, not silence
+    rig.clock.advance(rig.delay())
+    assert rig.ca.issued == ["ecdsa", "ecdsa"] and rig.applied == [1]
+    assert rig.status().failures == 0 and rig.status().last_error is None
+
+
+def test_an_unservable_new_certificate_never_replaces_the_good_one(tmp_path: Path) -> None:
+    """If the CA returns a certificate that could not be served (here one missing an
+    alias), the stored certificate is kept on disk, the problem is shown, and renewal
+    is retried with back-off."""
+    rig = _rig(tmp_path)
+    path = Path(rig.store.certificate_path("site.example", "ecdsa"))
+    good = path.read_bytes()
+    NAMES.remove("www.site.example")
+    try:
+        rig.clock.pump([schedule.MAX_SLEEP.total_seconds()] * 121)  # past day 60
+    finally:
+        NAMES.append("www.site.example")
+    assert path.read_bytes() == good
+    assert sorted(os.listdir(path.parent)) == [path.name]  # no temporary file left
+    assert rig.status().failures >= 1
+    assert "www.site.example" in (rig.status().last_error or "")
+    assert rig.applied == [1]
+    assert rig.delay() <= 3600  # retrying (retry_max), with the old certificate served
+
+
+def test_first_start_with_several_hosts_registers_one_account(tmp_path: Path) -> None:
+    """On the very first start with several ACME hosts, one account key is created and
+    one connection registers it; every host then orders with that account."""
+    config = parse_yaml(
+        f"""
+listen: {{https: ['tcp:443']}}
+acme: {{agree_tos: true, state_dir: {tmp_path}}}
+hosts:
+  one.example: {{acme: true, backend: 'http://127.0.0.1:1'}}
+  two.example: {{acme: true, backend: 'http://127.0.0.1:1'}}
+""",
+        "proxy.yaml",
+    )
+    clock = Clock()
+    clock.advance(time.time())
+    store = AcmeStore(str(tmp_path))
+    issuer = ThreadedIssuer(
+        lambda: config, store, clock, ChallengeTokens(), ChallengeCertificates()
+    )
+    calls: list[tuple[str, Deferred[Any]]] = []
+
+    def thread(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        calls.append((f.__name__, Deferred()))
+        return calls[-1][1]
+
+    issuer._thread = thread  # type: ignore[method-assign]
+    service = AcmeService(lambda: config, store, issuer, clock, lambda: None)
+    service.startService()
+    try:
+        assert (tmp_path / "account.key").exists()  # made once, before any connection
+        clock.advance(0)
+        assert [name for name, _ in calls] == ["connect"]
+        calls[0][1].callback(SimpleNamespace(directory_url=config.acme.directory))
+        assert [name for name, _ in calls] == ["connect", "begin_order", "begin_order"]
+    finally:
+        service.stopService()

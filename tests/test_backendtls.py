@@ -77,3 +77,15 @@ def test_unreadable_files_fail_and_insecure_warns(tmp_path: Path) -> None:
     not_pem = pki.write_file(tmp_path / "junk.pem", b"junk")
     config = parse_config(doc(backend_tls={"ca": str(not_pem)}), "f")
     assert "no BEGIN CERTIFICATE" in check_backend_tls(config)[0].reason
+
+
+def test_encrypted_client_key_is_a_clear_error_not_a_passphrase_prompt(tmp_path: Path) -> None:
+    """An encrypted backend_tls.key is reported at start-up; OpenSSL never asks for a
+    passphrase on the terminal (which would hang a service)."""
+    ca = pki.make_ca()
+    leaf = ca.issue(["proxy-client"], client=True)
+    cert = pki.write_file(tmp_path / "client.crt", pki.cert_pem(leaf.cert))
+    key = pki.write_file(tmp_path / "client.key", pki.key_pem(leaf.key, password=b"secret"))
+    config = parse_config(doc(backend_tls={"cert": str(cert), "key": str(key)}), "f")
+    [problem] = check_backend_tls(config)
+    assert "is an encrypted private key" in problem.reason

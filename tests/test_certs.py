@@ -507,3 +507,19 @@ def test_rsa_pool_keys_are_distinct() -> None:
         a.public_key().public_numbers() != b.public_key().public_numbers()
         for a, b in itertools.combinations(keys, 2)
     )
+
+
+def test_a_leaf_without_its_intermediates_is_warned_about(tmp_path: Path) -> None:
+    """cert.pem given instead of fullchain.pem loads (some clients fetch intermediates) but
+    warns, naming the fix; with the intermediates there is no such warning."""
+    leaf = pki.make_ca().issue(["a.test"])
+    alone = pki.write_combined(tmp_path, leaf, order=("key", "leaf"), name="alone.pem")
+    source = CertificateSource(key=str(alone), cert=str(alone), chain=None, path="hosts.a.test")
+    certified, problems = load_certified_key(source)
+    assert certified is not None
+    [warning] = [p for p in problems if "no intermediate certificates" in p.reason]
+    assert warning.warning and "fullchain.pem" in warning.reason
+    full = pki.write_combined(tmp_path, leaf, name="full.pem")
+    source = CertificateSource(key=str(full), cert=str(full), chain=None, path="hosts.a.test")
+    _, problems = load_certified_key(source)
+    assert not any("no intermediate certificates" in p.reason for p in problems)

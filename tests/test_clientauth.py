@@ -21,7 +21,7 @@ from tlsproxy.certs import load_certified_key
 from tlsproxy.clientauth import identity_block, load_client_auth, stripped_headers
 from tlsproxy.config import ClientAuth, parse_config
 from tlsproxy.errors import ConfigError
-from tlsproxy.routing import Route, Router
+from tlsproxy.routing import PlainRouter, Route, Router
 from tlsproxy.tls import build_server_contexts
 
 
@@ -291,3 +291,30 @@ def test_client_auth_default_host_does_not_affect_other_hosts(tmp_path: Path) ->
     assert handshake(built.default, b"other.test", server_ca)
     assert not handshake(built.default, b"api.test", server_ca)
     assert not handshake(built.default, None, server_ca)
+
+
+def test_identity_headers_are_dropped_on_every_site(tmp_path: Path) -> None:
+    """Copies of the configured identity headers sent by a client are dropped on every
+    site, also on sites without client_auth (one could otherwise forge them for a
+    backend shared with a client-certificate site), over HTTPS and plain HTTP."""
+    doc = site_doc(
+        tmp_path, {"ca": "c", "subject_header": "X-Subject", "fingerprint_header": "X-Print"}
+    )
+    config = parse_config(doc, "f")
+    assert Router(config).identity_headers == {b"x-subject", b"x-print"}
+    assert PlainRouter(config, BACKEND).identity_headers == {b"x-subject", b"x-print"}
+    auth = ClientAuth(ca="c", subject_header="X-Subject", fingerprint_header="X-Print")
+    h = Harness(
+        routes={
+            b"api.example.com": Route(site="api.example.com", backend=BACKEND, client_auth=auth),
+            b"www.example.com": Route(site="www.example.com", backend=BACKEND),
+        }
+    )
+    client, _ = h.client()
+    spoof = [(b"x-subject", b"CN=admin"), (b"X-PRINT", b"00"), (b"Accept", b"*/*")]
+    client.send(request(host=b"www.example.com", headers=spoof))
+    h.pump()
+    [seen] = parse_requests(h.backends[0].take())
+    names = {n.lower() for n, _ in seen.headers}
+    assert names.isdisjoint({b"x-subject", b"x-print"})
+    assert seen.header(b"Accept") == b"*/*"

@@ -1153,3 +1153,38 @@ def test_shipped_example_config_is_valid() -> None:
     (host,) = config.hosts
     assert host.aliases == ("www.example.com",)
     assert len(host.certificates) == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("drain_timeout: .nan", "proxy.yaml: drain_timeout: must be a number of seconds"),
+        ("watch_interval: .inf", "proxy.yaml: watch_interval: must be a number of seconds"),
+        ("watch_interval: .nan", "proxy.yaml: watch_interval: must be a number of seconds"),
+    ],
+)
+def test_infinite_or_nan_durations_are_refused(text: str, line: str) -> None:
+    """YAML's .nan and .inf are not durations (a NaN drain timeout would never expire)."""
+    document = (
+        "listen: {https: ['tcp:8443']}\n"
+        "hosts: {a.example: {certificates: [/x.pem], backend: 'http://127.0.0.1:80'}}\n" + text
+    )
+    with pytest.raises(ConfigError) as exc:
+        parse_yaml(document, "proxy.yaml")
+    assert str(exc.value).startswith(line)
+
+
+def test_site_names_and_backend_hosts_must_be_names() -> None:
+    """A site keyed by null (or a number) and a backend URL whose host is not a name are
+    config errors, not a site called 'none' or a connection to 'a b'."""
+    document = (
+        "listen: {https: ['tcp:8443']}\n"
+        "hosts:\n"
+        "  null: {certificates: [/x.pem], backend: 'http://127.0.0.1:80'}\n"
+        "  b.example: {certificates: [/x.pem], backend: 'http://a b:80'}\n"
+    )
+    with pytest.raises(ConfigError) as exc:
+        parse_yaml(document, "proxy.yaml")
+    lines = str(exc.value).splitlines()
+    assert "proxy.yaml: hosts.None: a site must be named by a host name, not nothing" in lines
+    assert "proxy.yaml: hosts.b.example.backend: 'a b' is not a host name or IP address" in lines

@@ -20,3 +20,16 @@ def test_bad_endpoint_strings_are_problems_with_their_key_path() -> None:
         "proxy.yaml: listen.https[2]: no socket with that index was passed in by systemd "
         "(see LISTEN_FDS)"
     )
+
+
+def test_tls_wrapping_endpoint_types_are_refused() -> None:
+    """``ssl:`` and ``tls:`` endpoints would wrap tlsproxy's own TLS in Twisted's (or bind
+    another port): they are config errors naming the fix."""
+    endpoints, problems = parse_endpoints(
+        MemoryReactor(), ["ssl:18443", "TLS:18445:interface=127.0.0.1"], "listen.https"
+    )
+    assert endpoints == []
+    rendered = [p.render("proxy.yaml") for p in problems]
+    assert rendered[0].startswith("proxy.yaml: listen.https[0]: ssl: endpoints add a TLS layer")
+    assert rendered[1].startswith("proxy.yaml: listen.https[1]: tls: endpoints add a TLS layer")
+    assert all("use tcp:PORT" in line for line in rendered)

@@ -327,3 +327,80 @@ def test_handshake_failure_reason_is_openssls_short_reason() -> None:
     assert handshake_failure_reason(Failure(error)) == "no shared cipher"
     assert handshake_failure_reason(Failure(SSLError([]))) == "tls error"
     assert handshake_failure_reason(Failure(ConnectionDone())) == "closed before handshake"
+
+
+def test_failing_access_log_never_stops_deadlines() -> None:
+    """An access log that cannot be written (full disk) does not break the proxy: the
+    request is still answered, and later slow or silent clients and backends still
+    time out."""
+    h = Harness()
+    calls: list[int] = []
+
+    def on_request(entry: Entry) -> None:
+        calls.append(entry.status)
+        raise OSError(28, "No space left on device")
+
+    h.factory.on_request = on_request
+    first, _ = h.client()
+    first.send(request())
+    h.pump()
+    h.advance(h.settings.backend_read_timeout + 2)  # the backend never answers: 504
+    assert first.take().startswith(b"HTTP/1.1 504")
+    slow, _ = h.client()
+    slow.send(b"GET / HTTP/1.1\r\nHost: exa")
+    third, _ = h.client()
+    third.send(request())
+    h.pump()
+    h.advance(h.settings.client_header_timeout + 2)
+    assert slow.lost is not None
+    assert third.take().startswith(b"HTTP/1.1 504")
+    assert calls == [504, 408, 504]
+
+
+def test_writer_keeps_serving_when_the_disk_is_full(tmp_path: Path) -> None:
+    """An access-log write error (full disk) is logged, not raised to the proxy."""
+    writer = AccessLogWriter(str(tmp_path / "access.log"), "combined", Clock())
+
+    class Full:
+        def write(self, text: str) -> int:
+            raise OSError(28, "No space left on device")
+
+    writer._file = Full()  # type: ignore[assignment]
+    writer(entry())
+    writer(entry())
+
+
+def test_one_broken_connection_does_not_stop_the_deadline_sweep() -> None:
+    """An unexpected error while checking one connection's deadlines drops that
+    connection, and the other connections' deadlines keep being enforced."""
+    h = Harness()
+    broken, broken_proto = h.client()
+    slow, _ = h.client()
+    slow.send(b"GET / HTTP/1.1\r\nHost: exa")
+
+    def fail(now: float) -> None:
+        raise RuntimeError("bug")
+
+    broken_proto.check_deadlines = fail  # type: ignore[method-assign]
+    h.advance(h.settings.client_header_timeout + 2)
+    assert broken.lost is not None
+    assert slow.lost is not None
+
+
+def test_one_broken_upstream_timeout_does_not_stop_the_pool_sweep() -> None:
+    """An unexpected error while handling one backend connection's timeout drops that
+    backend connection, and other requests' backend timeouts still answer 504."""
+    h = Harness()
+    broken, broken_proto = h.client()
+    broken.send(request())
+    other, _ = h.client()
+    other.send(request())
+    h.pump()
+
+    def fail() -> None:
+        raise RuntimeError("bug")
+
+    broken_proto.backend_timed_out = fail  # type: ignore[method-assign]
+    h.advance(h.settings.backend_read_timeout + 2)
+    assert other.take().startswith(b"HTTP/1.1 504")
+    assert broken.take().startswith(b"HTTP/1.1 502")  # its backend connection was dropped

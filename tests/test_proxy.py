@@ -292,22 +292,26 @@ def test_http10_keep_alive(h: Harness) -> None:
     assert first.header(b"Connection") is None
 
 
-def test_head_response_has_no_body_and_connection_is_reused(h: Harness) -> None:
-    """A HEAD response with Content-Length carries no body, and the backend connection
-    serves the next request."""
+def test_head_response_has_no_body_and_connection_is_not_reused(h: Harness) -> None:
+    """A HEAD response with Content-Length carries no body; since a non-compliant
+    backend might still send one, its connection is not reused (one with
+    ``Content-Length: 0`` is)."""
     client, _ = h.client()
     client.send(request(b"HEAD"))
     h.pump()
     h.backends[0].send(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
     h.pump()
     assert client.take() == b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"
+    data = h.exchange(client, request(b"HEAD"), b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert data == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
     data = h.exchange(client, request(), response(200, b"after"))
     assert parse_responses(data)[0].body == b"after"
-    assert len(h.backends) == 1
+    assert len(h.backends) == 2
 
 
 def test_head_response_in_pieces_with_chunked_header(h: Harness) -> None:
-    """A HEAD response announcing chunked framing, arriving in pieces, ends at its head."""
+    """A HEAD response announcing chunked framing, arriving in pieces, ends at its head
+    (and, as a body might follow anyway, its backend connection is not reused)."""
     client, _ = h.client()
     client.send(request(b"HEAD"))
     h.pump()
@@ -316,7 +320,7 @@ def test_head_response_in_pieces_with_chunked_header(h: Harness) -> None:
     h.backends[0].send(b"Encoding: chunked\r\nX-A: 1\r\n\r\n")
     h.pump()
     assert client.take() == b"HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n"
-    assert h.pools.idle_count(BACKEND) == 1
+    assert h.pools.idle_count(BACKEND) == 0
 
 
 @pytest.mark.parametrize("status", [204, 304])
@@ -1127,3 +1131,116 @@ def test_route_cache_follows_the_host_of_each_request(h: Harness) -> None:
         (None, b"other.example"),
         (None, b"example.com"),
     ]
+
+
+def test_backend_that_stops_reading_an_upload_gets_504() -> None:
+    """A backend that stops reading a request body (a hung worker) does not hold the
+    client forever: after ``backend_read_timeout`` without taking bytes, the client
+    gets 504 and both connections are closed."""
+    h = Harness(backend_high_water=1000)
+    client, _ = h.client()
+    client.send(request(b"POST", b"/up", headers=[(b"Content-Length", b"1000000")]))
+    h.pump()
+    backend = h.backends[-1]
+    backend.t.reading_paused = True
+    for _ in range(5):
+        client.send(b"x" * 5000)
+        h.pump()
+    h.advance(h.settings.backend_read_timeout + 2)
+    [resp] = parse_responses(client.take())
+    assert resp.status == 504
+    assert client.lost is not None
+    backend.t.reading_paused = False
+    h.pump()
+    assert backend.lost is not None
+
+
+def test_backend_that_stops_reading_after_answering_is_closed() -> None:
+    """When the backend has started its response but stops reading the upload, the
+    client connection is closed after ``backend_read_timeout``, the response cut short."""
+    h = Harness(backend_high_water=1000)
+    client, _ = h.client()
+    client.send(request(b"POST", b"/up", headers=[(b"Content-Length", b"1000000")]))
+    h.pump()
+    backend = h.backends[-1]
+    backend.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nstart")
+    backend.t.reading_paused = True
+    for _ in range(5):
+        client.send(b"x" * 5000)
+        h.pump()
+    assert client.take().endswith(b"start")
+    h.advance(h.settings.backend_read_timeout + 2)
+    assert client.lost is not None
+
+
+def test_close_delimited_early_response_while_upload_blocked_finishes() -> None:
+    """A backend that stops reading an upload, answers early with a close-delimited body
+    and closes, leaves the client connection usable: the rest of the upload is read
+    and dropped, and the next request on the connection is served."""
+    h = Harness(backend_high_water=1000)
+    client, _ = h.client()
+    client.send(request(b"POST", b"/up", headers=[(b"Content-Length", b"30000")]))
+    h.pump()
+    backend = h.backends[-1]
+    backend.t.reading_paused = True
+    client.send(b"x" * 8000)
+    h.pump()
+    backend.send(b"HTTP/1.1 413 Too Big\r\n\r\nno")
+    backend.close()
+    h.pump()
+    [resp] = parse_responses(client.take())
+    assert (resp.status, resp.body) == (413, b"no")
+    client.send(b"x" * 22000)
+    h.pump()
+    data = h.exchange(client, request(), response(200, b"next"))
+    assert parse_responses(data)[0].body == b"next"
+    assert client.lost is None
+
+
+def test_pipelined_local_answers_stop_when_client_does_not_read() -> None:
+    """A client that pipelines requests the proxy answers itself (421 here) but never
+    reads the answers is no longer read from once its send buffer is full, so unsent
+    answers cannot pile up in memory."""
+    h = Harness()
+    client, _ = h.client(high_water=64 * 1024)
+    server_side, client_side = h.links[-1]
+    client_side.reading_paused = True
+    many = request(host=b"unknown.example") * 1000
+    for _ in range(50):
+        client.send(many)
+        h.pump()
+    assert len(server_side.outgoing) < 256 * 1024
+    client_side.reading_paused = False
+    h.pump()
+    assert client.take().count(b"HTTP/1.1 421") > 1000
+
+
+def test_stray_body_after_head_response_never_answers_the_next_request(h: Harness) -> None:
+    """A backend that wrongly sends a body after its HEAD response cannot have that
+    body taken as the answer to the client's next (pipelined) request."""
+    client, _ = h.client()
+    client.send(request(b"HEAD", b"/file") + request(b"GET", b"/other"))
+    h.pump()
+    first = h.backends[0]
+    first.take()
+    first.send(b"HTTP/1.1 200 OK\r\nContent-Length: 44\r\n\r\n")
+    h.pump()
+    first.send(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nspoofed")
+    h.pump()
+    assert b"spoofed" not in client.take()
+    assert len(h.backends) == 2
+    [seen] = parse_requests(h.backends[1].take())
+    assert seen.target == b"/other"
+
+
+def test_connection_serves_next_request_after_close_delimited_response(h: Harness) -> None:
+    """After a response whose body ended when its backend closed, the client's
+    keep-alive connection answers its next request with that request's response."""
+    client, _ = h.client()
+    data = h.exchange(client, request(), b"HTTP/1.1 200 OK\r\n\r\nfirst")
+    h.backends[-1].close()
+    h.pump()
+    data += client.take()
+    assert parse_responses(data)[0].body == b"first"
+    data = h.exchange(client, request(), response(200, b"second"))
+    assert parse_responses(data)[0].body == b"second"

@@ -553,3 +553,20 @@ def test_backend_endless_trailer_closes_client(h: Harness) -> None:
         h.pump()
     assert client.lost is not None
     assert b"0\r\n\r\n" not in client.take()
+
+
+def test_control_bytes_in_reason_phrase_are_not_relayed(h: Harness) -> None:
+    """Control bytes (NUL, ESC, …) and DEL in a backend's reason phrase never reach the
+    client; the rest of the phrase does."""
+    client, _ = h.client()
+    out = h.exchange(
+        client, request(), b"HTTP/1.1 200 OK\x00\x1b[31m\x7fX\tY\r\nContent-Length: 0\r\n\r\n"
+    )
+    assert out.split(b"\r\n")[0] == b"HTTP/1.1 200 OK[31mX\tY"
+
+
+def test_204_response_loses_its_content_length(h: Harness) -> None:
+    """A 204 response is relayed without the Content-Length its backend wrongly sent."""
+    client, _ = h.client()
+    out = h.exchange(client, request(), b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n")
+    assert out == b"HTTP/1.1 204 No Content\r\n\r\n"

@@ -66,3 +66,28 @@ def test_the_set_of_paths_is_asked_again_after_a_change(tmp_path: Path) -> None:
     second.write_text("b changed")
     clock.advance(1)
     assert calls == [1, 1]
+
+
+def test_a_change_made_while_the_callback_runs_is_seen_next_time(tmp_path: Path) -> None:
+    """If the key is replaced while the reload for a new certificate is running, another
+    reload follows, so both new files are eventually read together."""
+    cert, key = tmp_path / "site.crt", tmp_path / "site.key"
+    cert.write_text("cert one")
+    key.write_text("key one")
+    calls: list[int] = []
+
+    def changed() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            key.write_text("key two, written during the reload")
+
+    clock = Clock()
+    watch = FileWatch(lambda: [str(cert), str(key)], changed, clock, 1)
+    watch.start()
+    cert.write_text("cert two")
+    clock.advance(1)
+    assert calls == [1]
+    clock.advance(1)
+    assert calls == [1, 1]
+    clock.advance(1)
+    assert calls == [1, 1]

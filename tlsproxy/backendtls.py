@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -77,7 +78,15 @@ def client_creator(backend: Backend) -> IOpenSSLClientConnectionCreator:
         certs = _certificates(_read(settings.cert))
         if not certs:
             raise ValueError(f"{settings.cert} holds no BEGIN CERTIFICATE block")
-        client = ssl.PrivateCertificate.loadPEM(certs[0] + _read(settings.key))
+        key = _read(settings.key)
+        try:  # never let OpenSSL prompt for a passphrase on the terminal
+            load_pem_private_key(key, password=None)
+        except TypeError:
+            raise ValueError(
+                f"{settings.key} is an encrypted private key; tlsproxy needs it unencrypted "
+                "(readable only by tlsproxy)"
+            ) from None
+        client = ssl.PrivateCertificate.loadPEM(certs[0] + key)
         # the intermediates after the leaf go out with it
         extra["extraCertChain"] = [ssl.Certificate.loadPEM(c).original for c in certs[1:]]
     if settings.insecure_skip_verify:

@@ -374,6 +374,17 @@ def load_certified_key(source: CertificateSource) -> tuple[CertifiedKey | None, 
     leaf = leaves[0]
     chain, chain_problems = _order_chain(leaf, [c for c in certs if c is not leaf], where)
     problems += chain_problems
+    if not chain and not _self_signed(leaf):
+        problems.append(
+            Problem(
+                where,
+                "no intermediate certificates: clients that do not fetch missing "
+                "intermediates themselves (curl, Python, Go, Android apps) will refuse it; "
+                "give the full chain (certbot's fullchain.pem) unless the issuer is a root "
+                "your clients trust directly",
+                warning=True,
+            )
+        )
     if any(not p.warning for p in problems):
         return None, problems
     return (

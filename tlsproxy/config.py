@@ -16,6 +16,7 @@ Pure module: stdlib, attrs and PyYAML only; no Twisted, no OpenSSL.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -567,6 +568,9 @@ def _parse_backend(c: _Checker, value: object, path: str) -> Backend | None:
     if port == 0:
         c.error(path, "must have a port from 1 to 65535, not 0")
         return None
+    if not _backend_host_ok(url.hostname):
+        c.error(path, f"{url.hostname!r} is not a host name or IP address")
+        return None
     default_port = 80 if url.scheme == "http" else 443
     return Backend(
         scheme=url.scheme, host=url.hostname, port=default_port if port is None else port
@@ -786,6 +790,9 @@ def _parse_hosts(c: _Checker, value: object) -> tuple[HostConfig, ...]:
     seen: dict[str, str] = {}  # normalised pattern -> path that claimed it
     for raw_name, body in value.items():
         path = f"hosts.{raw_name}"
+        if not isinstance(raw_name, str):
+            c.error(path, f"a site must be named by a host name, not {_kind(raw_name)}")
+            continue
         if "*" in str(raw_name):
             c.error(path, "a wildcard cannot name a site; list it under a site's aliases")
             continue
@@ -1119,6 +1126,30 @@ def _parse_site_policy(c: _Checker, doc: Mapping[str, Any], path: str) -> dict[s
     return out
 
 
+def _backend_host_ok(host: str) -> bool:
+    """Whether a backend URL's host is an IP address or a valid DNS name."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            normalize(host)
+        except InvalidHostname:
+            return False
+    return True
+
+
+def _finite_seconds(value: object) -> bool:
+    """Whether ``value`` is a finite, non-negative number (YAML's .nan and .inf are not)."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+
+
 def parse_config(document: object, source: str) -> Config:
     """Validate a decoded YAML document into a `Config`.
 
@@ -1143,7 +1174,7 @@ def parse_config(document: object, source: str) -> Config:
     watch_interval: float = 0
     if "watch_interval" in doc:
         value = doc["watch_interval"]
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        if not _finite_seconds(value):
             c.error("watch_interval", f"must be a number of seconds (0: off), not {value!r}")
         else:
             watch_interval = value
@@ -1152,7 +1183,7 @@ def parse_config(document: object, source: str) -> Config:
     drain_timeout = 10.0
     if "drain_timeout" in doc:
         value = doc["drain_timeout"]
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        if not _finite_seconds(value):
             c.error("drain_timeout", f"must be a number of seconds (0: none), not {value!r}")
         else:
             drain_timeout = float(value)

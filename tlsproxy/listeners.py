@@ -23,6 +23,9 @@ from tlsproxy.errors import Problem
 
 log = Logger()
 
+#: Endpoint types that wrap the socket in Twisted's own TLS: never right here.
+_TLS_ENDPOINTS = frozenset({"ssl", "tls"})
+
 
 class ListenError(Exception):
     """A listener could not bind; the message is the whole one-line explanation."""
@@ -39,13 +42,23 @@ def parse_endpoints(
     endpoints: list[IStreamServerEndpoint] = []
     problems: list[Problem] = []
     for i, description in enumerate(descriptions):
+        kind = description.split(":", 1)[0].strip().lower()
+        if kind in _TLS_ENDPOINTS:
+            problems.append(
+                Problem(
+                    f"{path}[{i}]",
+                    f"{kind}: endpoints add a TLS layer of Twisted's own; tlsproxy terminates TLS "
+                    f"itself, so use tcp:PORT (or systemd:/unix:) here",
+                )
+            )
+            continue
         try:
             endpoints.append(serverFromString(reactor, description))
         except IndexError:
             reason = "no socket with that index was passed in by systemd (see LISTEN_FDS)"
             problems.append(Problem(f"{path}[{i}]", reason))
             continue
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
             problems.append(Problem(f"{path}[{i}]", f"not a valid endpoint ({reason})"))
     return endpoints, problems

@@ -131,8 +131,10 @@ class ProxySettings:
     #: default only delays the error page.
     backend_connect_timeout: float = attrs.field(default=10.0, validator=_positive)
     #: Time allowed for the backend's response head once the request is sent,
-    #: and between reads of its body (nginx ``proxy_read_timeout``).  Expiry
-    #: answers 504, or closes the client if the response had started.
+    #: and between reads of its body (nginx ``proxy_read_timeout``); also how
+    #: long the backend may leave request bytes unread (full send buffer, or a
+    #: TLS handshake that does not finish).  Expiry answers 504, or closes the
+    #: client if the response had started.
     backend_read_timeout: float = attrs.field(default=60.0, validator=_positive)
     #: How long an idle pooled backend connection is kept.  Shorter than the
     #: common backend keep-alive timeouts (uvicorn and Node close at 5 s), so
@@ -180,6 +182,9 @@ class RouteTableLike(Protocol):
 class Router(Protocol):
     """What the factory's ``router`` must provide (``tlsproxy.routing.Router``)."""
 
+    #: Lower-cased client-certificate identity header names, dropped from every request.
+    identity_headers: frozenset[bytes]
+
     def table(self, sni: str | None, host: bytes) -> RouteTableLike | None:
         """The routes of the site a request is for, or None (answered 421).
 
@@ -195,6 +200,7 @@ _PAUSE_BACKEND = 2  # the backend's send buffer is full
 _PAUSE_CONNECT = 4  # waiting for a backend connection
 _PAUSE_UPGRADE = 8  # waiting for the backend to accept a WebSocket upgrade
 _PAUSE_DONE = 16  # closing
+_PAUSE_CLIENT = 32  # the client's send buffer is full (it is not reading our output)
 
 # Response progress for the request being served.
 _R_IDLE = 0  # nothing sent to a backend yet
@@ -225,6 +231,9 @@ _FRAMING_SLACK = 4 * KIB
 _EARLY_LIMIT = 64 * KIB
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+#: Bytes removed from a backend's reason phrase: controls (but TAB) and DEL.
+_REASON_DELETE = bytes(b for b in range(32) if b != 9) + b"\x7f"
 
 # A fragment, or a '%' not followed by two hex digits (llhttp already refuses
 # controls, spaces, DEL and bytes >= 0x80).
@@ -426,6 +435,7 @@ class ProxyProtocol(TwistedProtocol):
         self._route_host: bytes | None = None
         self._route_router: Router | None = None
         self._route_table: RouteTableLike | None = None
+        self._route_strip: frozenset[bytes] = frozenset()
 
         self._paused = 0
         #: when reading from the client times out (reactor seconds)
@@ -597,9 +607,11 @@ class ProxyProtocol(TwistedProtocol):
     # ------------------------------------------- IPushProducer (client output)
 
     def pauseProducing(self) -> None:
-        """The client's send buffer is full: stop reading from the backend."""
+        """The client's send buffer is full: stop reading from the backend, and
+        from the client (its pipelined requests would pile up answers)."""
         self._client_write_blocked = True
         self._write_blocked_since = self._clock.seconds()
+        self._pause(_PAUSE_CLIENT)
         backend = self._backend
         if backend is not None:
             backend.pause_reading()
@@ -609,12 +621,13 @@ class ProxyProtocol(TwistedProtocol):
         """The client's send buffer drained: read from the backend again."""
         self._client_write_blocked = False
         self._write_blocked_since = INFINITY
+        self._resume(_PAUSE_CLIENT)
         backend = self._backend
         if backend is not None:
             backend.resume_reading()
             if self._rstate in (_R_HEAD, _R_BODY):
                 current = self._current
-                if current is not None and current.complete:
+                if current is not None and (current.complete or self._paused & _PAUSE_BACKEND):
                     backend.deadline = self._clock.seconds() + self._settings.backend_read_timeout
 
     def stopProducing(self) -> None:
@@ -772,6 +785,7 @@ class ProxyProtocol(TwistedProtocol):
         else:
             table = router.table(self._server_name(), forwarding.split_host(r.host))
             self._route_host, self._route_router, self._route_table = r.host, router, table
+            self._route_strip = router.identity_headers
         if table is None:
             log.info(
                 "{client}: no site for host {host!r} (SNI {sni!r}): 421",
@@ -783,6 +797,10 @@ class ProxyProtocol(TwistedProtocol):
             return
         r.route = route = table.route(r.target)
         assert self._fwd is not None
+        strip = self._route_strip
+        if strip:
+            # Clients may not send identity headers to any site (README).
+            r.forward = [(n, v) for n, v in r.forward if n.lower() not in strip]
         identity = b""
         if route.client_auth is not None:
             found = self._client_identity(route.client_auth)
@@ -795,9 +813,6 @@ class ProxyProtocol(TwistedProtocol):
                 self._local_response(421, "", quiet=True)
                 return
             identity = found
-            strip = clientauth.stripped_headers(route.client_auth)
-            if strip:
-                r.forward = [(n, v) for n, v in r.forward if n.lower() not in strip]
         parts = [r.method, b" ", r.target, b" HTTP/1.1\r\n"]
         host_header = route.host_header
         if host_header is not None:
@@ -852,6 +867,8 @@ class ProxyProtocol(TwistedProtocol):
             conn.pause_reading()
         if conn.write_paused:
             self._pause(_PAUSE_BACKEND)
+            if not self._client_write_blocked:
+                conn.deadline = self._clock.seconds() + self._settings.backend_read_timeout
         if not self._in_read:
             # Inside dataReceived the head waits for the body bytes of the same read.
             bout, self._bout = self._bout, []
@@ -1130,6 +1147,8 @@ class ProxyProtocol(TwistedProtocol):
             if cout:
                 self._t.writeSequence(cout)
             self._rstate = _R_DONE
+            self._rparser = HttpResponseParser(self._rcb)  # it still waits for the end
+            self._resume(_PAUSE_BACKEND)
             self._finish_exchange(self._close_after)
             return
         if state == _R_HEAD and self._retryable(r):
@@ -1145,6 +1164,7 @@ class ProxyProtocol(TwistedProtocol):
             self._bout = [r.backend_head]
             self._connecting = True
             self._pause(_PAUSE_CONNECT)
+            self._resume(_PAUSE_BACKEND)  # that was the lost connection's buffer
             self._pool.connect(route.backend, self)
             return
         if state == _R_BODY:
@@ -1153,11 +1173,20 @@ class ProxyProtocol(TwistedProtocol):
             self._fail_exchange(502, "upstream closed the connection without a response")
 
     def backend_write_paused(self) -> None:
-        """The backend's send buffer is full: stop reading from the client."""
+        """The backend's send buffer is full (or its TLS handshake pending): stop
+        reading from the client, and give the backend ``backend_read_timeout`` to
+        take the bytes (the client's deadline is suspended meanwhile)."""
         self._pause(_PAUSE_BACKEND)
+        backend = self._backend
+        if backend is not None and not self._client_write_blocked:
+            backend.deadline = self._clock.seconds() + self._settings.backend_read_timeout
 
     def backend_write_resumed(self) -> None:
         """The backend's send buffer drained: read from the client again."""
+        current = self._current
+        backend = self._backend
+        if backend is not None and current is not None and not current.complete:
+            backend.deadline = INFINITY  # the client's body deadline applies again
         self._resume(_PAUSE_BACKEND)
 
     def backend_timed_out(self) -> None:
@@ -1242,6 +1271,7 @@ class ProxyProtocol(TwistedProtocol):
         scan = forwarding.scan_response_headers(headers)
         if scan.size > self._settings.max_response_header_bytes:
             raise _Reject(502, "response head too large")
+        reason = self._rreason.translate(None, _REASON_DELETE)
         if status < 200:
             if status == 101:
                 if not r.websocket:
@@ -1249,7 +1279,7 @@ class ProxyProtocol(TwistedProtocol):
                 self._rstate = _R_UPGRADE
                 self._cout.append(
                     b"HTTP/1.1 101 %s\r\n%sConnection: Upgrade\r\nUpgrade: %s\r\n\r\n"
-                    % (self._rreason, forwarding.serialize(scan.forward), scan.upgrade or b"")
+                    % (reason, forwarding.serialize(scan.forward), scan.upgrade or b"")
                 )
                 return
             self._rinterim = True
@@ -1264,8 +1294,15 @@ class ProxyProtocol(TwistedProtocol):
             raise _Reject(502, scan.problem)
         self._rstatus = status
         self._r_until_close = False
+        headers = scan.forward
         if r.method == b"HEAD" or status == 204 or status == 304:
             frame = _F_NONE
+            if scan.content_length or scan.chunked:
+                # A body may follow anyway (non-compliant backend): never reuse
+                # the connection, or it would answer the next request.
+                self._rextra = True
+                if status == 204:
+                    headers = [(n, v) for n, v in headers if n.lower() != b"content-length"]
         elif scan.content_length is not None:
             frame = _F_LENGTH
         else:
@@ -1276,13 +1313,12 @@ class ProxyProtocol(TwistedProtocol):
         )
         self._close_after = not keep
         self._rclose_token = scan.close
-        headers = scan.forward
         policy = r.route.headers if r.route is not None else None
         if policy is not None and policy.remove:
             headers = policy.apply(headers)
         parts = [
             b"HTTP/1.1 %d " % status,
-            self._rreason,
+            reason,
             b"\r\n",
             forwarding.serialize(headers),
         ]
@@ -1357,7 +1393,9 @@ class ProxyProtocol(TwistedProtocol):
         r = self._current
         assert r is not None
         reusable = self._rkeep and r.complete and not self._rextra and not r.websocket
-        if self._rextra:
+        if not reusable:
+            # A parser that saw the end of a non-persistent response refuses any
+            # further message: the next backend connection needs a fresh one.
             self._rparser = HttpResponseParser(self._rcb)
         if backend is not None:
             if reusable:
@@ -1435,28 +1473,35 @@ class ProxyProtocol(TwistedProtocol):
                 agent = value
         route = r.route
         now = self._clock.seconds()
-        on_request = self._factory.on_request
+        factory = self._factory
+        on_request = factory.on_request
         assert on_request is not None
-        on_request(
-            Entry(
-                time=self._started,
-                client=self._client,
-                method=r.method or b"-",
-                target=r.target or b"-",
-                protocol="HTTP/1.1" if r.http11 else "HTTP/1.0",
-                host=r.host,
-                status=self._rstatus,
-                bytes_sent=self._rsent,
-                duration=now - self._started,
-                referer=referer,
-                user_agent=agent,
-                sni=self._server_name(),
-                tls_version=tls[0],
-                cipher=tls[1],
-                upstream=describe(route.backend) if route is not None else None,
-                site=route.site if route is not None else None,
+        try:
+            on_request(
+                Entry(
+                    time=self._started,
+                    client=self._client,
+                    method=r.method or b"-",
+                    target=r.target or b"-",
+                    protocol="HTTP/1.1" if r.http11 else "HTTP/1.0",
+                    host=r.host,
+                    status=self._rstatus,
+                    bytes_sent=self._rsent,
+                    duration=now - self._started,
+                    referer=referer,
+                    user_agent=agent,
+                    sni=self._server_name(),
+                    tls_version=tls[0],
+                    cipher=tls[1],
+                    upstream=describe(route.backend) if route is not None else None,
+                    site=route.site if route is not None else None,
+                )
             )
-        )
+        except Exception:
+            # An access-log or metrics error must never break serving (or the sweep).
+            if not factory._on_request_failed:
+                factory._on_request_failed = True
+                log.failure("on_request failed (reported once)")
 
     def drain(self) -> None:
         """Shutting down: close now if no request is being served (idle, or its
@@ -1530,7 +1575,9 @@ class ProxyProtocol(TwistedProtocol):
                 self._log_failure("client stopped reading")
             self._abort()
             return
-        if self._deadline <= now and not self._paused & (_PAUSE_BACKEND | _PAUSE_CONNECT):
+        if self._deadline <= now and not self._paused & (
+            _PAUSE_BACKEND | _PAUSE_CONNECT | _PAUSE_CLIENT
+        ):
             self._deadline = INFINITY
             r = self._current
             if r is not None and not r.complete:
@@ -1605,6 +1652,7 @@ class ProxyFactory(Factory):
         self.scheme = scheme
         self._connections: set[ProxyProtocol] = set()
         self._sweeper: LoopingCall | None = None
+        self._on_request_failed = False
         #: Called with an :class:`~tlsproxy.accesslog.Entry` as each response
         #: completes (access log, metrics); None costs nothing per request.
         self.on_request: Callable[[Entry], object] | None = None
@@ -1649,4 +1697,10 @@ class ProxyFactory(Factory):
     def _sweep(self) -> None:
         now = self.clock.seconds()
         for proto in list(self._connections):
-            proto.check_deadlines(now)
+            try:
+                proto.check_deadlines(now)
+            except Exception:
+                # One connection's bug must not stop the sweep (every deadline).
+                log.failure("checking a connection's deadlines")
+                with contextlib.suppress(Exception):
+                    proto._abort()

@@ -109,6 +109,21 @@ def site_table(host: HostConfig, headers: HeaderPolicy) -> RouteTable:
     return RouteTable(route(host.backend), prefixes)
 
 
+def identity_headers(config: Config) -> frozenset[bytes]:
+    """Lower-cased names of every configured client-certificate identity header.
+
+    Clients may not send them to any site: a site without ``client_auth``
+    could otherwise be used to forge them for a backend shared with one that has it.
+    """
+    return frozenset(
+        name.lower().encode("ascii")
+        for host in config.hosts
+        if host.client_auth is not None
+        for name in (host.client_auth.subject_header, host.client_auth.fingerprint_header)
+        if name is not None
+    )
+
+
 class Router:
     """Routes requests for one configuration; build a new one on reload.
 
@@ -128,6 +143,8 @@ class Router:
         #: Sites with client_auth; with none, requests are not bound to the SNI.
         self._mtls = frozenset(h.name for h in config.hosts if h.client_auth is not None)
         self._default_site = config.default_host
+        #: Identity header names dropped from every request (see `identity_headers`).
+        self.identity_headers = identity_headers(config)
 
     def table(self, sni: str | None, host: bytes | None) -> RouteTable | None:
         """The routes of the site for this ``Host`` header (or, lacking one, SNI).
@@ -185,6 +202,8 @@ class PlainRouter:
         challenge = (ACME_CHALLENGE_PREFIX, self._local.default)
         self._table: HostTable[RouteTable] = HostTable()
         self.unrouted_headers = HeaderPolicy()
+        #: Identity header names dropped from every request (see `identity_headers`).
+        self.identity_headers = identity_headers(config)
         for host in config.hosts:
             if host.redirect.enabled:
                 continue

@@ -44,6 +44,7 @@ class AccessLogWriter:
         self._file: IO[str] | None = None
         self._timer: LoopingCall | None = None
         self._previous_usr1: Any = None
+        self._write_failed = False
 
     def open(self) -> None:
         """Open (or create) the file for appending.
@@ -59,7 +60,16 @@ class AccessLogWriter:
     def __call__(self, entry: Entry) -> None:
         f = self._file
         if f is not None:
-            f.write(self._format(entry))
+            try:
+                f.write(self._format(entry))
+            except OSError as exc:  # a full disk must not stop the proxy
+                if not self._write_failed:
+                    self._write_failed = True
+                    log.error(
+                        "access log {path}: cannot write: {error} (reported once)",
+                        path=self.path,
+                        error=exc,
+                    )
 
     def start(self) -> None:
         """Flush on a timer and reopen on SIGUSR1."""

@@ -452,6 +452,10 @@ def build_server_contexts(
             if material is not None:
                 configure_context(context, material)
                 verify_modes[context] = material.verify_mode
+                # No stateless tickets (they drop the client's intermediates, which
+                # the re-check of a resumed session needs), also for connections that
+                # start on this context without switching (the default host).
+                context.set_options(SSL.OP_NO_TICKET)
         for name in host.names:
             if name not in table:
                 table.add(name, context)

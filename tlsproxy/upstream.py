@@ -499,4 +499,9 @@ class UpstreamPools:
                     conn.close()
             elif conn.deadline <= now:
                 conn.deadline = INFINITY
-                owner.backend_timed_out()
+                try:
+                    owner.backend_timed_out()
+                except Exception:
+                    # One connection's bug must not stop the sweep (every deadline).
+                    log.failure("handling an upstream timeout")
+                    conn.abort()

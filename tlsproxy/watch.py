@@ -69,7 +69,13 @@ class FileWatch:
             return
         changed = [p for (p, s), (_, t) in zip(now, self._last, strict=False) if s != t]
         log.info("files changed on disk: {paths}", paths=", ".join(changed) or "(set changed)")
+        # Remember what was seen *before* the callback: a file that changes while
+        # it runs (a key replaced just after its certificate) is noticed next time.
+        seen = dict(now)
+        self._last = now
         try:
             self._changed()
         finally:
-            self._last = signature(self._paths())
+            paths = sorted(set(self._paths()))
+            fresh = dict(signature(p for p in paths if p not in seen))
+            self._last = tuple((p, seen[p] if p in seen else fresh[p]) for p in paths)

@@ -30,6 +30,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from tlsproxy.acme import issuance, schedule
@@ -89,9 +90,15 @@ class ThreadedIssuer:
         self.challenges = challenges
         self.pool = ThreadPool(minthreads=0, maxthreads=POOL_THREADS, name="tlsproxy-acme")
         self._session: issuance.Session | None = None
+        #: The callers waiting for the one connection in progress (empty: none is).
+        self._waiting: list[Deferred[issuance.Session]] = []
 
     def start(self) -> None:
         self.pool.start()
+        try:  # once, before any concurrent connection could race to create it
+            self.store.account_key()
+        except (OSError, ValueError) as exc:  # each attempt reports it again, with back-off
+            log.error("ACME: the account key cannot be used: {error}", error=str(exc))
 
     def stop(self) -> None:
         self.pool.stop()
@@ -105,10 +112,25 @@ class ThreadedIssuer:
         return self.current().acme
 
     async def _connect(self) -> issuance.Session:
+        """The session; concurrent callers share one connection (and account registration)."""
         settings = self.settings
-        if self._session is None or self._session.directory_url != settings.directory:
-            self._session = await self._thread(issuance.connect, settings, self.store)
-        return self._session
+        if self._session is not None and self._session.directory_url == settings.directory:
+            return self._session
+        waiter: Deferred[issuance.Session] = Deferred()
+        self._waiting.append(waiter)
+        if len(self._waiting) == 1:
+            self._thread(issuance.connect, settings, self.store).addBoth(self._connected)
+        return await waiter
+
+    def _connected(self, result: issuance.Session | Failure) -> None:
+        waiting, self._waiting = self._waiting, []
+        if isinstance(result, Failure):
+            for waiter in waiting:
+                waiter.errback(result)
+        else:
+            self._session = result
+            for waiter in waiting:
+                waiter.callback(result)
 
     async def _issue(self, host: HostConfig, key_type: str) -> bytes:
         try:
@@ -137,7 +159,12 @@ class ThreadedIssuer:
                     else:
                         self.challenges.remove(answer.name)
             await self._thread(
-                self.store.save_certificate, host.name, key_type, pending.key, fullchain
+                self.store.save_certificate,
+                host,
+                key_type,
+                pending.key,
+                fullchain,
+                datetime.datetime.now(datetime.UTC),
             )
         except IssuanceError:
             self._session = None  # reconnect next time (new nonce, account, directory)
@@ -307,28 +334,30 @@ class AcmeService(Service):
                 await self._renew(host, wanted)
             else:
                 await self._check_ari(host)
-        except IssuanceError as exc:
+        except Exception as exc:  # any failure (CA, disk full, bug) backs off; never stops
             failures = slot.status.failures + 1
             settings = self.current().acme
+            retry_after = exc.retry_after if isinstance(exc, IssuanceError) else None
             delay = schedule.backoff(
-                failures, settings.retry_initial, settings.retry_max, retry_after=exc.retry_after
+                failures, settings.retry_initial, settings.retry_max, retry_after=retry_after
             )
             retry = self._now() + datetime.timedelta(seconds=delay)
+            error = str(exc) or type(exc).__name__
             slot.status = attrs.evolve(
-                slot.status, failures=failures, last_error=str(exc), next_renewal=_iso(retry)
+                slot.status, failures=failures, last_error=error, next_renewal=_iso(retry)
             )
             log.error(
                 "ACME: {host}: attempt {failures} failed: {error}; the current certificate "
                 "stays in service; retrying in {delay:.0f} s",
                 host=name,
                 failures=failures,
-                error=str(exc),
+                error=error,
                 delay=delay,
             )
         finally:
             slot.running = False
-        if name in self.slots and self.running:
-            self._plan(name)
+            if self.slots.get(name) is slot and self.running:
+                self._plan(name)
 
     async def _renew(self, host: HostConfig, key_types: list[str]) -> None:
         slot = self.slots[host.name]
@@ -375,7 +404,7 @@ class AcmeService(Service):
             fullchain = next(iter(stored.values())).chain_pem()
         try:
             ari = await self.issuer.renewal_info(fullchain)
-        except IssuanceError as exc:
+        except Exception as exc:
             log.warn(
                 "ACME: {host}: no renewal information: {error}", host=host.name, error=str(exc)
             )

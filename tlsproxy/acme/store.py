@@ -25,7 +25,7 @@ import datetime
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -54,9 +54,13 @@ RSA_BITS = 2048
 TEMPORARY_LIFETIME = datetime.timedelta(days=7)
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
+def write_atomic(
+    path: str, data: bytes, mode: int = 0o600, check: Callable[[str], object] | None = None
+) -> None:
     """Replace ``path`` with ``data``: temporary file, fsync, rename, fsync of the directory.
 
+    :param check: called with the temporary file's path before the rename; if
+        it raises, the temporary file is removed and ``path`` is left as it was.
     :raises OSError: if any step fails (the old file is then untouched).
     """
     directory = os.path.dirname(path) or "."
@@ -67,6 +71,8 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(temporary)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -167,12 +173,53 @@ class AcmeStore:
         """Where the certificate of ``host`` with ``key_type`` (``ecdsa``/``rsa``) lives."""
         return self._path("certs", f"{host}.{key_type}.pem")
 
-    def save_certificate(self, host: str, key_type: str, key: ServerKey, fullchain: bytes) -> str:
-        """Store key and full chain in one file, atomically; return its path."""
+    def save_certificate(
+        self,
+        host: HostConfig,
+        key_type: str,
+        key: ServerKey,
+        fullchain: bytes,
+        now: datetime.datetime,
+    ) -> str:
+        """Store key and full chain in one file, atomically; return its path.
+
+        The new file is first written next to the live one and checked as it
+        will be served (the key fits the leaf, the chain, validity at ``now``,
+        every name of ``host``); only then does it replace the live file.
+
+        :raises ValueError: if the new certificate cannot be served (the
+            stored one is kept).
+        :raises OSError: if it cannot be written (the stored one is kept).
+        """
         self.ensure()
-        path = self.certificate_path(host, key_type)
-        write_atomic(path, key_pem(key) + fullchain)
+        path = self.certificate_path(host.name, key_type)
+
+        def check(temporary: str) -> None:
+            certified, reasons = self._check(host, key_type, temporary, now)
+            if certified is None:
+                raise ValueError(
+                    f"the new {key_type.upper()} certificate cannot be served and was not "
+                    f"stored (the current one stays): {reasons}"
+                )
+
+        write_atomic(path, key_pem(key) + fullchain, check=check)
         return path
+
+    def _check(
+        self, host: HostConfig, key_type: str, path: str, now: datetime.datetime
+    ) -> tuple[CertifiedKey | None, str]:
+        """Load ``path`` as ``host``'s ``key_type`` certificate: it, or None and why not."""
+        where = f"hosts.{host.name}.acme"
+        source = CertificateSource(key=path, cert=path, chain=None, path=where)
+        certified, loaded_problems = load_certified_key(source)
+        errors = [p for p in loaded_problems if not p.warning]
+        if certified is not None and certified.key_type.lower() != key_type:
+            errors.append(Problem(where, f"holds a {certified.key_type} key"))
+        if certified is not None and not errors:
+            errors = [p for p in check_certified_key(certified, host.names, now) if not p.warning]
+        if certified is None or errors:
+            return None, "; ".join(p.reason for p in errors) or "no certificate in it"
+        return certified, ""
 
     def load_certificates(
         self, host: HostConfig, key_types: Sequence[str], now: datetime.datetime
@@ -190,21 +237,11 @@ class AcmeStore:
             path = self.certificate_path(host.name, key_type)
             if not os.path.exists(path):
                 continue
-            where = f"hosts.{host.name}.acme"
-            source = CertificateSource(key=path, cert=path, chain=None, path=where)
-            certified, loaded_problems = load_certified_key(source)
-            errors = [p for p in loaded_problems if not p.warning]
-            if certified is not None and certified.key_type.lower() != key_type:
-                errors.append(Problem(where, f"holds a {certified.key_type} key"))
-            if certified is not None and not errors:
-                errors = [
-                    p for p in check_certified_key(certified, host.names, now) if not p.warning
-                ]
-            if certified is None or errors:
-                reasons = "; ".join(p.reason for p in errors) or "no certificate in it"
+            certified, reasons = self._check(host, key_type, path, now)
+            if certified is None:
                 problems.append(
                     Problem(
-                        where,
+                        f"hosts.{host.name}.acme",
                         f"the stored certificate {path} is not served and will be "
                         f"re-issued: {reasons}",
                         warning=True,
