@@ -647,3 +647,33 @@ hosts:
         assert [name for name, _ in calls] == ["connect", "begin_order", "begin_order"]
     finally:
         service.stopService()
+
+
+def test_adding_an_alias_keeps_the_stored_certificate_and_issues_at_once(tmp_path: Path) -> None:
+    """After a reload that adds an alias to an ``acme: true`` host, the stored certificate
+    (valid for the other names) stays in service instead of a temporary self-signed one,
+    and a new certificate for all names is due at once, not at the next scheduled check."""
+    from tlsproxy.service import load_certificates
+
+    rig = _rig(tmp_path)
+    assert rig.ca.issued == ["ecdsa"]
+    now = datetime.datetime.fromtimestamp(rig.clock.seconds(), datetime.UTC)
+    grown = parse_yaml(
+        f"""
+listen: {{https: ['tcp:443']}}
+acme: {{agree_tos: true, state_dir: {tmp_path}, retry_initial: 60, retry_max: 3600}}
+hosts:
+  site.example:
+    aliases: [www.site.example, shop.site.example]
+    acme: true
+    backend: http://127.0.0.1:8000
+""",
+        "proxy.yaml",
+    )
+    certificates, problems = load_certificates(grown, now)
+    [served] = certificates["site.example"]
+    assert served.names == ("site.example", "www.site.example")
+    assert any("is served until a new one is issued" in p.reason for p in problems)
+    rig.service.current = lambda: grown
+    rig.service.refresh()
+    assert [c.getTime() - rig.clock.seconds() for c in rig.clock.getDelayedCalls()] == [0]

@@ -244,7 +244,8 @@ class AcmeService(Service):
         return super().stopService()
 
     def refresh(self) -> None:
-        """Follow the live configuration: schedule new ACME hosts, drop removed ones."""
+        """Follow the live configuration: schedule new ACME hosts, drop removed ones,
+        and plan the others again (a certificate may be due now after a change)."""
         hosts = {h.name: h for h in self.current().hosts if h.acme}
         for name, slot in list(self.slots.items()):
             if name not in hosts:
@@ -253,8 +254,13 @@ class AcmeService(Service):
                 del self.slots[name]
         for name in hosts:
             slot = self.slots.setdefault(name, _Slot())
-            if not slot.running and (slot.timer is None or not slot.timer.active()):
-                self._plan(name)
+            if slot.running:
+                continue
+            # Plan again even with a timer set: the names or key type may have
+            # changed, making a new certificate due now.
+            if slot.timer is not None and slot.timer.active():
+                slot.timer.cancel()
+            self._plan(name)
 
     def _stored(self, host: HostConfig) -> dict[str, CertifiedKey]:
         key_types = KEY_TYPES[self.current().acme.key_type]

@@ -37,6 +37,7 @@ from tlsproxy.certs import (
     CertifiedKey,
     ServerKey,
     check_certified_key,
+    check_validity,
     load_certified_key,
     self_signed,
 )
@@ -206,9 +207,19 @@ class AcmeStore:
         return path
 
     def _check(
-        self, host: HostConfig, key_type: str, path: str, now: datetime.datetime
+        self,
+        host: HostConfig,
+        key_type: str,
+        path: str,
+        now: datetime.datetime,
+        *,
+        all_names: bool = True,
     ) -> tuple[CertifiedKey | None, str]:
-        """Load ``path`` as ``host``'s ``key_type`` certificate: it, or None and why not."""
+        """Load ``path`` as ``host``'s ``key_type`` certificate: it, or None and why not.
+
+        With ``all_names`` false, a certificate that lacks some of the host's
+        names (an alias added since it was issued) still passes.
+        """
         where = f"hosts.{host.name}.acme"
         source = CertificateSource(key=path, cert=path, chain=None, path=where)
         certified, loaded_problems = load_certified_key(source)
@@ -216,20 +227,32 @@ class AcmeStore:
         if certified is not None and certified.key_type.lower() != key_type:
             errors.append(Problem(where, f"holds a {certified.key_type} key"))
         if certified is not None and not errors:
-            errors = [p for p in check_certified_key(certified, host.names, now) if not p.warning]
+            checks = (
+                check_certified_key(certified, host.names, now)
+                if all_names
+                else check_validity(certified, now)
+            )
+            errors = [p for p in checks if not p.warning]
         if certified is None or errors:
             return None, "; ".join(p.reason for p in errors) or "no certificate in it"
         return certified, ""
 
     def load_certificates(
-        self, host: HostConfig, key_types: Sequence[str], now: datetime.datetime
+        self,
+        host: HostConfig,
+        key_types: Sequence[str],
+        now: datetime.datetime,
+        *,
+        serving: bool = False,
     ) -> tuple[list[CertifiedKey], list[Problem]]:
         """The stored certificates of ``host`` that are safe to serve.
 
         A missing file is not a problem (nothing was issued yet).  A file that
         is unreadable, corrupt, of the wrong key type, expired or missing one
         of the host's names is reported as a warning and left out: the ACME
-        service issues a new one.
+        service issues a new one.  With ``serving``, a certificate that only
+        lacks some names (an alias added to the config) stays in service, with
+        a warning, until its replacement is issued.
         """
         found: list[CertifiedKey] = []
         problems: list[Problem] = []
@@ -238,6 +261,19 @@ class AcmeStore:
             if not os.path.exists(path):
                 continue
             certified, reasons = self._check(host, key_type, path, now)
+            if certified is None and serving:
+                certified, _ = self._check(host, key_type, path, now, all_names=False)
+                if certified is not None:
+                    problems.append(
+                        Problem(
+                            f"hosts.{host.name}.acme",
+                            f"the stored certificate {path} is served until a new one is "
+                            f"issued: {reasons}",
+                            warning=True,
+                        )
+                    )
+                    found.append(certified)
+                    continue
             if certified is None:
                 problems.append(
                     Problem(
@@ -319,4 +355,4 @@ def acme_certificates(
     store = acme_store(config)
     if store is None:
         return [], []
-    return store.load_certificates(host, KEY_TYPES[config.acme.key_type], now)
+    return store.load_certificates(host, KEY_TYPES[config.acme.key_type], now, serving=True)
