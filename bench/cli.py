@@ -38,6 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ALL_PEERS = ("nginx", "haproxy", "tlsproxy", "twisted")
 
 
+def _nginx_command(prefix: Path, conf: Path) -> list[str]:
+    """nginx in the foreground with ``conf``, logging errors to stderr."""
+    return ["nginx", "-p", str(prefix), "-c", str(conf), "-e", "stderr", "-g", "daemon off;"]
+
+
 @attrs.frozen
 class Settings:
     """How long and how hard each measurement runs."""
@@ -166,17 +171,7 @@ class Run:
         self.log(f"starting the backend (nginx) on port {backend_port}")
         group.start(
             "backend",
-            [
-                "nginx",
-                "-p",
-                str(self.workdir),
-                "-c",
-                str(conf),
-                "-e",
-                "stderr",
-                "-g",
-                "daemon off;",
-            ],
+            _nginx_command(self.workdir, conf),
             port=backend_port,
             cpus=others,
         )
@@ -192,17 +187,7 @@ class Run:
                         prefix=self.workdir, port=port, backend_port=backend_port, pki=self.pki
                     )
                 )
-                command = [
-                    "nginx",
-                    "-p",
-                    str(self.workdir),
-                    "-c",
-                    str(conf),
-                    "-e",
-                    "stderr",
-                    "-g",
-                    "daemon off;",
-                ]
+                command = _nginx_command(self.workdir, conf)
             elif peer == "haproxy":
                 conf = self.workdir / "haproxy.cfg"
                 conf.write_text(

@@ -11,12 +11,8 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -119,32 +115,7 @@ def test_service_is_hardened(tmp_path: Path) -> None:
         assert f"\n{line}\n" in service, line
 
 
-class _Backend(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        body = json.dumps({"path": self.path, "host": self.headers.get("host")}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def backend() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Backend)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield int(server.server_address[1])
-    server.shutdown()
-    server.server_close()
-
-
-def test_socket_activation_through_a_systemd_endpoint(tmp_path: Path, backend: int) -> None:
+def test_socket_activation_through_a_systemd_endpoint(tmp_path: Path, echo_backend: int) -> None:
     """Started the way tlsproxy.socket starts it — the listening socket already bound and
     passed as fd 3 with LISTEN_FDS=1 and LISTEN_PID, the process launched by the first
     connection — tlsproxy serves HTTPS on a `systemd:domain=INET:index=0` listener, and that
@@ -161,7 +132,7 @@ def test_socket_activation_through_a_systemd_endpoint(tmp_path: Path, backend: i
                 "hosts": {
                     "example.com": {
                         "certificates": [str(certificate)],
-                        "backend": f"http://127.0.0.1:{backend}",
+                        "backend": f"http://127.0.0.1:{echo_backend}",
                     }
                 },
             }
@@ -199,7 +170,8 @@ def test_socket_activation_through_a_systemd_endpoint(tmp_path: Path, backend: i
                 response += chunk
         head, _, body = response.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), response
-        assert json.loads(body) == {"path": "/activated", "host": "example.com"}
+        answer = json.loads(body)
+        assert (answer["path"], answer["host"]) == ("/activated", "example.com")
         text = log_path.read_text()
         assert "systemd:domain=INET:index=0" in text
         assert "TLS grade example.com: A" in text
