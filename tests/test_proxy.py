@@ -22,6 +22,7 @@ from tests.proxyharness import (
     FunctionRouter,
     Harness,
     MemoryTransport,
+    Message,
     chunked,
     parse_requests,
     parse_responses,
@@ -29,6 +30,7 @@ from tests.proxyharness import (
     response,
 )
 from tlsproxy.config import Backend
+from tlsproxy.headers import HeaderPolicy
 from tlsproxy.proxy import ProxySettings
 from tlsproxy.routing import Route, RouteTable
 
@@ -1244,3 +1246,121 @@ def test_connection_serves_next_request_after_close_delimited_response(h: Harnes
     assert parse_responses(data)[0].body == b"first"
     data = h.exchange(client, request(), response(200, b"second"))
     assert parse_responses(data)[0].body == b"second"
+
+
+# ------------------------------------------- what a connection remembers between requests
+
+
+def test_each_request_reaches_the_backend_with_its_own_header_fields(h: Harness) -> None:
+    """On one keep-alive connection every request is forwarded with exactly the
+    header fields it carried, whether they repeat the previous request's or not,
+    with one set of forwarding headers each."""
+    client, _ = h.client()
+    sent = [
+        (b"/1", [(b"Accept", b"a")]),
+        (b"/2", [(b"Accept", b"a")]),
+        (b"/3", [(b"Accept", b"b")]),
+        (b"/4", [(b"Accept", b"a"), (b"Cookie", b"c=1")]),
+        (b"/5", [(b"Accept", b"a")]),
+    ]
+    for target, headers in sent:
+        h.exchange(client, request(b"GET", target, headers), response(200, b"ok"))
+        [seen] = parse_requests(h.backends[0].take())
+        assert seen.target == target
+        assert [(n, v) for n, v in seen.headers if n in (b"Accept", b"Cookie")] == headers
+        assert seen.header_all(b"X-Forwarded-For") == [b"192.0.2.7"]
+        assert seen.header_all(b"Forwarded") == [b"for=192.0.2.7;proto=https;host=example.com"]
+    assert len(h.backends) == 1
+
+
+def test_repeated_header_fields_follow_each_requests_route() -> None:
+    """Two requests with the same header fields on one connection, routed by path to
+    a backend with a Host override and to one without, each get their route's Host."""
+    table = RouteTable(
+        Route(site="example.com", backend=BACKEND),
+        ((b"/api/", Route(site="example.com", backend=OTHER_BACKEND, host_header=b"api:81")),),
+    )
+    h = Harness(routes={b"example.com": table})
+    client, _ = h.client()
+    h.exchange(client, request(b"GET", b"/api/x"), response(200, b"a"))
+    h.exchange(client, request(b"GET", b"/page"), response(200, b"b"))
+    h.exchange(client, request(b"GET", b"/api/y"), response(200, b"c"))
+    api, main = h.backends
+    assert [m.header_all(b"Host") for m in parse_requests(api.take())] == [[b"api:81"]] * 2
+    assert [m.header_all(b"Host") for m in parse_requests(main.take())] == [[b"example.com"]]
+
+
+def test_reload_that_adds_identity_headers_strips_them_on_open_connections(h: Harness) -> None:
+    """A client-certificate identity header name configured by a reload is removed
+    from the next request of an already open connection, even one whose header
+    fields repeat the previous request's exactly."""
+    client, _ = h.client()
+    forged = [(b"X-Subject", b"CN=admin")]
+    h.exchange(client, request(headers=forged), response(200, b"a"))
+    assert parse_requests(h.backends[0].take())[0].header(b"X-Subject") == b"CN=admin"
+    route = h.routes[b"example.com"]
+    h.factory.router = FunctionRouter(lambda sni, host: route, frozenset({b"x-subject"}))
+    h.exchange(client, request(headers=forged), response(200, b"b"))
+    [seen] = parse_requests(h.backends[0].take())
+    assert seen.header(b"X-Subject") is None
+    assert seen.header(b"Host") == b"example.com"
+
+
+def test_each_response_reaches_the_client_with_its_own_head(h: Harness) -> None:
+    """On one keep-alive connection every response is relayed with its own status
+    line and header fields, whether they repeat the previous response's or not."""
+    client, _ = h.client()
+    answers = [
+        response(200, b"a", [(b"X-A", b"1")]),
+        response(200, b"a", [(b"X-A", b"1")]),
+        response(404, b"a", [(b"X-A", b"1")], reason=b"Not Found"),
+        response(404, b"a", [(b"X-A", b"1")], reason=b"Gone Fishing"),
+        response(200, b"a", [(b"X-A", b"2")]),
+        response(200, b"a", [(b"X-A", b"1")]),
+    ]
+    for answer in answers:
+        assert h.exchange(client, request(), answer) == answer
+    assert len(h.backends) == 1
+
+
+def test_length_dropped_from_a_204_is_kept_on_the_next_response(h: Harness) -> None:
+    """A 204 relayed without the Content-Length its backend wrongly sent does not
+    make the next response with the same header fields lose its Content-Length."""
+    client, _ = h.client()
+    got = h.exchange(client, request(), b"HTTP/1.1 204 No Content\r\nContent-Length: 2\r\n\r\n")
+    assert got == b"HTTP/1.1 204 No Content\r\n\r\n"
+    got = h.exchange(client, request(), b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert got == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def test_each_sites_header_policy_applies_to_identical_responses() -> None:
+    """Two sites on one connection whose backends answer with the same header fields:
+    each response carries its own site's security headers, never the other's."""
+    hsts = HeaderPolicy(
+        set=((b"Strict-Transport-Security", b"max-age=63072000"),),
+        remove=frozenset({b"strict-transport-security"}),
+    )
+    h = Harness(
+        routes={
+            b"example.com": Route(site="example.com", backend=BACKEND, headers=hsts),
+            b"other.example": Route(site="other.example", backend=OTHER_BACKEND),
+        }
+    )
+    client, _ = h.client()
+    answer = response(200, b"x", [(b"Strict-Transport-Security", b"max-age=1")])
+
+    def fetch(host: bytes, backend: int) -> Message:
+        client.send(request(host=host))
+        h.pump()
+        h.backends[backend].send(answer)
+        h.pump()
+        [got] = parse_responses(client.take())
+        return got
+
+    first = fetch(b"example.com", 0)
+    second = fetch(b"other.example", 1)
+    third = fetch(b"example.com", 0)
+    assert len(h.backends) == 2
+    assert first.header_all(b"Strict-Transport-Security") == [b"max-age=63072000"]
+    assert second.header_all(b"Strict-Transport-Security") == [b"max-age=1"]
+    assert third.header_all(b"Strict-Transport-Security") == [b"max-age=63072000"]

@@ -76,6 +76,7 @@ CLIENT_FORWARDING: frozenset[bytes] = frozenset(
 
 # What the single pass over request headers does with each name.
 _FORWARD, _DROP, _HOST, _CONNECTION, _LENGTH, _TE, _EXPECT, _UPGRADE = range(8)
+_LENGTH_REMOVED = 8  # a response's Content-Length that frames the body but is not relayed
 _REQUEST_KINDS: dict[bytes, int] = dict.fromkeys(HOP_BY_HOP | CLIENT_FORWARDING, _DROP)
 _REQUEST_KINDS.update(
     {
@@ -101,6 +102,8 @@ _RESPONSE_KINDS.update(
 # cost one dict lookup (no lower-casing).  Bounded: names beyond the limit are
 # classified each time.
 _CACHE_LIMIT = 2048
+#: Longest name or value cached (so that the caches stay small whatever clients send).
+_CACHE_MAX_KEY = 64
 _request_cache: dict[bytes, int] = {}
 _response_cache: dict[bytes, int] = {}
 
@@ -110,14 +113,14 @@ def _request_kind(name: bytes) -> int:
     kind = _REQUEST_KINDS.get(lname)
     if kind is None:
         kind = _DROP if b"_" in lname or lname.startswith(b"x-forwarded-") else _FORWARD
-    if len(_request_cache) < _CACHE_LIMIT:
+    if len(_request_cache) < _CACHE_LIMIT and len(name) <= _CACHE_MAX_KEY:
         _request_cache[name] = kind
     return kind
 
 
 def _response_kind(name: bytes) -> int:
     kind = _RESPONSE_KINDS.get(name.lower(), _FORWARD)
-    if len(_response_cache) < _CACHE_LIMIT:
+    if len(_response_cache) < _CACHE_LIMIT and len(name) <= _CACHE_MAX_KEY:
         _response_cache[name] = kind
     return kind
 
@@ -125,6 +128,17 @@ def _response_kind(name: bytes) -> int:
 # reg-name (letters, digits, '.', '-', '_') or a bracketed IPv6 literal, then an optional port.
 _HOST_RE = re.compile(rb"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+# Host header values found well-formed (bounded like the name caches).
+_good_hosts: set[bytes] = set()
+
+
+def _good_host(host: bytes) -> bool:
+    if _HOST_RE.fullmatch(host) is None:
+        return False
+    if len(_good_hosts) < _CACHE_LIMIT and len(host) <= _CACHE_MAX_KEY:
+        _good_hosts.add(host)
+    return True
 
 
 class RequestHeaders(NamedTuple):
@@ -168,6 +182,19 @@ class ResponseHeaders(NamedTuple):
 def connection_tokens(value: bytes) -> list[bytes]:
     """The lower-cased option names listed in one ``Connection`` header value."""
     return [t for t in (part.strip().lower() for part in value.split(b",")) if t]
+
+
+_tokens_cache: dict[bytes, tuple[bytes, ...]] = {}
+
+
+def _connection_tokens(value: bytes) -> tuple[bytes, ...]:
+    """`connection_tokens`, remembered for the usual values (``keep-alive``, ``close``…)."""
+    tokens = _tokens_cache.get(value)
+    if tokens is None:
+        tokens = tuple(connection_tokens(value))
+        if len(_tokens_cache) < _CACHE_LIMIT and len(value) <= _CACHE_MAX_KEY:
+            _tokens_cache[value] = tokens
+    return tokens
 
 
 def _transfer_problem(values: list[bytes]) -> tuple[int, str] | None:
@@ -221,7 +248,7 @@ def scan_request_headers(headers: Headers) -> RequestHeaders:
         elif kind == _CONNECTION:
             if named is None:
                 named = []
-            named.extend(connection_tokens(header[1]))
+            named.extend(_connection_tokens(header[1]))
         elif kind == _LENGTH:
             length = header[1]
         elif kind == _TE:
@@ -239,7 +266,7 @@ def scan_request_headers(headers: Headers) -> RequestHeaders:
         problem = (400, "missing Host header")
     elif hosts > 1:
         problem = (400, "repeated Host header")
-    elif host is None or _HOST_RE.fullmatch(host) is None:
+    elif host is None or (host not in _good_hosts and not _good_host(host)):
         problem = (400, "malformed Host header")
     content_length: int | None = None
     if length is not None:
@@ -279,15 +306,20 @@ def scan_request_headers(headers: Headers) -> RequestHeaders:
     )
 
 
-def scan_response_headers(headers: Headers) -> ResponseHeaders:
+def scan_response_headers(
+    headers: Headers, remove: frozenset[bytes] = frozenset()
+) -> ResponseHeaders:
     """Sort a backend response's headers into those to relay and the framing they declare.
 
     A ``Transfer-Encoding`` other than one plain ``chunked`` is reported as a
     problem: relaying the body without the coding would change its meaning.
+    Header fields whose lower-cased names are in ``remove`` (a site's
+    `~tlsproxy.headers.HeaderPolicy.remove`) are left out of ``forward``;
+    a ``Content-Length`` among them still frames the body.
     """
     forward: Headers = []
     append = forward.append
-    cached = _response_cache.get
+    cached = _policy_cache(remove).get if remove else _response_cache.get
     length: bytes | None = None
     te: list[bytes] | None = None
     upgrade: bytes | None = None
@@ -298,7 +330,7 @@ def scan_response_headers(headers: Headers) -> ResponseHeaders:
         size += len(name) + len(header[1])
         kind = cached(name)
         if kind is None:
-            kind = _response_kind(name)
+            kind = _removing_kind(remove, name) if remove else _response_kind(name)
         if kind == _FORWARD:
             append(header)
         elif kind == _LENGTH:
@@ -307,13 +339,15 @@ def scan_response_headers(headers: Headers) -> ResponseHeaders:
         elif kind == _CONNECTION:
             if named is None:
                 named = []
-            named.extend(connection_tokens(header[1]))
+            named.extend(_connection_tokens(header[1]))
         elif kind == _TE:
             if te is None:
                 te = []
             te.append(header[1])
         elif kind == _UPGRADE:
             upgrade = header[1]
+        elif kind == _LENGTH_REMOVED:
+            length = header[1]
         # _DROP: nothing to do.
     problem: str | None = None
     chunked = False
@@ -336,6 +370,34 @@ def scan_response_headers(headers: Headers) -> ResponseHeaders:
         if extra:
             forward = [h for h in forward if h[0].lower() not in extra]
     return ResponseHeaders(forward, problem, content_length, chunked, upgrade, close, size)
+
+
+# Response classification with a site's removed names as well, one cache per
+# set of names (a configuration has one per site; bounded all the same).
+_policy_caches: dict[frozenset[bytes], dict[bytes, int]] = {}
+
+
+def _policy_cache(remove: frozenset[bytes]) -> dict[bytes, int]:
+    cache = _policy_caches.get(remove)
+    if cache is None:
+        if len(_policy_caches) >= 64:
+            _policy_caches.clear()
+        cache = _policy_caches[remove] = {}
+    return cache
+
+
+def _removing_kind(remove: frozenset[bytes], name: bytes) -> int:
+    lname = name.lower()
+    kind = _RESPONSE_KINDS.get(lname, _FORWARD)
+    if lname in remove:
+        if kind == _FORWARD:
+            kind = _DROP
+        elif kind == _LENGTH:
+            kind = _LENGTH_REMOVED
+    cache = _policy_cache(remove)
+    if len(cache) < _CACHE_LIMIT and len(name) <= _CACHE_MAX_KEY:
+        cache[name] = kind
+    return kind
 
 
 def is_websocket_upgrade(method: bytes, upgrade: bytes | None, connection_upgrade: bool) -> bool:
