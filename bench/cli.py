@@ -35,7 +35,9 @@ from bench import configs, measure, profile, report
 from bench.processes import Pinning, ProcessGroup, Server, free_port, pinned
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_PEERS = ("nginx", "haproxy", "tlsproxy", "twisted")
+ALL_PEERS = ("nginx", "haproxy", "tlsproxy", "twisted", "nginx-2w", "tlsproxy-2w")
+#: Peers running two worker processes on all CPUs (not pinned to the proxy's CPU).
+MULTI_WORKER_PEERS = ("nginx-2w", "tlsproxy-2w")
 
 
 def _nginx_command(prefix: Path, conf: Path) -> list[str]:
@@ -180,25 +182,33 @@ class Run:
             self.ports[peer] = port
             command: list[str]
             cwd: Path | None = None
-            if peer == "nginx":
-                conf = self.workdir / "nginx.conf"
+            workers = 2 if peer in MULTI_WORKER_PEERS else 1
+            if peer in ("nginx", "nginx-2w"):
+                conf = self.workdir / f"{peer}.conf"
                 conf.write_text(
                     configs.nginx_proxy_conf(
-                        prefix=self.workdir, port=port, backend_port=backend_port, pki=self.pki
+                        prefix=self.workdir / peer,
+                        port=port,
+                        backend_port=backend_port,
+                        pki=self.pki,
+                        workers=workers,
                     )
                 )
-                command = _nginx_command(self.workdir, conf)
+                (self.workdir / peer).mkdir(exist_ok=True)
+                command = _nginx_command(self.workdir / peer, conf)
             elif peer == "haproxy":
                 conf = self.workdir / "haproxy.cfg"
                 conf.write_text(
                     configs.haproxy_conf(port=port, backend_port=backend_port, pki=self.pki)
                 )
                 command = ["haproxy", "-db", "-f", str(conf)]
-            elif peer == "tlsproxy":
-                conf = self.workdir / "tlsproxy.yaml"
+            elif peer in ("tlsproxy", "tlsproxy-2w"):
+                conf = self.workdir / f"{peer}.yaml"
                 conf.write_text(
                     yaml.safe_dump(
-                        configs.tlsproxy_config(port=port, backend_port=backend_port, pki=self.pki)
+                        configs.tlsproxy_config(
+                            port=port, backend_port=backend_port, pki=self.pki, workers=workers
+                        )
                     )
                 )
                 twistd = str(Path(sys.executable).parent / "twistd")
@@ -218,7 +228,8 @@ class Run:
                 ]
                 cwd = ROOT
             self.log(f"starting {peer} on port {port}")
-            self.servers[peer] = group.start(peer, command, port=port, cpus=proxy_cpu, cwd=cwd)
+            cpus = None if peer in MULTI_WORKER_PEERS else proxy_cpu
+            self.servers[peer] = group.start(peer, command, port=port, cpus=cpus, cwd=cwd)
 
     # -- measurements -------------------------------------------------------------------
 
@@ -386,30 +397,51 @@ class Run:
         self.log(f"{peer}: soak {rate:,.0f} req/s; RSS {first / 1024:.1f} → {last / 1024:.1f} MiB")
 
     def profile_tlsproxy(self) -> None:
+        """py-spy profiles of tlsproxy under the keep-alive load, then under the
+        handshake load; summaries in `profile_text`, raw stacks in ``--out``."""
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         if not os.access(py_spy, os.X_OK):
             self.problems.append(
                 "py-spy is not installed: no profile (bench/run --profile installs it)"
             )
             return
+        s = self.settings
+        loads: dict[str, Callable[[], object]] = {
+            "keepalive": lambda: measure.run_wrk(
+                port=self.ports["tlsproxy"],
+                script=self.wrk_script,
+                connections=s.connections,
+                threads=s.threads,
+                duration=s.duration + 1,
+                cpus=self.pinning.others,
+            ),
+            "handshake": lambda: measure.run_handshakes(
+                port=self.ports["tlsproxy"],
+                connections=s.handshake_connections,
+                duration=s.duration + 1,
+                cpus=self.pinning.others,
+                cwd=ROOT,
+            ),
+        }
+        texts = []
+        for name, load in loads.items():
+            summary = self._profile_under(py_spy, name, load)
+            if summary:
+                texts.append(f"[{name} load] {summary}")
+        self.profile_text = "\n".join(texts)
+
+    def _profile_under(self, py_spy: str, name: str, load: Callable[[], object]) -> str:
         server = self.servers["tlsproxy"]
-        output = self.workdir / "tlsproxy-keepalive.pyspy.txt"
+        output = self.workdir / f"tlsproxy-{name}.pyspy.txt"
         duration = self.settings.duration
-        self.log(f"profiling tlsproxy with py-spy for {duration:g} s under the keep-alive load")
+        self.log(f"profiling tlsproxy with py-spy for {duration:g} s under the {name} load")
         spy = subprocess.Popen(
             pinned_py_spy(py_spy, server.proc.pid, output, duration, self.pinning.others),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
         try:
-            measure.run_wrk(
-                port=self.ports["tlsproxy"],
-                script=self.wrk_script,
-                connections=self.settings.connections,
-                threads=self.settings.threads,
-                duration=duration + 1,
-                cpus=self.pinning.others,
-            )
+            load()
             _, err = spy.communicate(timeout=duration + 60)
         finally:
             if spy.poll() is None:
@@ -417,11 +449,10 @@ class Run:
                 spy.wait(timeout=10)
         if not output.exists():
             self.problems.append(f"py-spy wrote no profile: {err.decode(errors='replace')[-500:]}")
-            return
-        summary = profile.summarize_file(output)
-        self.profile_text = profile.render(summary)
+            return ""
         self.ns.out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(output, self.ns.out / "latest-tlsproxy-keepalive.pyspy.txt")
+        shutil.copy(output, self.ns.out / f"latest-tlsproxy-{name}.pyspy.txt")
+        return profile.render(profile.summarize_file(output))
 
     # -- results -----------------------------------------------------------------------
 
@@ -480,7 +511,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="also profile tlsproxy with py-spy under the keep-alive load",
+        help="also profile tlsproxy with py-spy under the keep-alive and the handshake load",
     )
     parser.add_argument(
         "--out",

@@ -17,6 +17,7 @@ Pure module: stdlib, attrs and PyYAML only; no Twisted, no OpenSSL.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -361,6 +362,9 @@ class Config:
     metrics: MetricsSettings | None = None
     #: Seconds in-flight requests get to finish after SIGTERM.
     drain_timeout: float = 10.0
+    #: Worker processes serving the listeners (1: one process, no supervisor;
+    #: see `tlsproxy.supervisor`).
+    workers: int = 1
 
     def host(self, name: str) -> HostConfig:
         """The host whose canonical name is ``name``.
@@ -461,6 +465,7 @@ _TOP_KEYS = (
     "access_log",
     "metrics",
     "drain_timeout",
+    "workers",
 )
 _LISTEN_KEYS = ("https", "http")
 _TLS_KEYS = (
@@ -1187,6 +1192,7 @@ def parse_config(document: object, source: str) -> Config:
             c.error("drain_timeout", f"must be a number of seconds (0: none), not {value!r}")
         else:
             drain_timeout = float(value)
+    workers = _parse_workers(c, doc.get("workers", DEFAULT_WORKERS))
     _check_acme_hosts(c, acme, hosts, listen)
     default_host = hosts[0].name if hosts else ""
     if "default_host" in doc:
@@ -1220,7 +1226,36 @@ def parse_config(document: object, source: str) -> Config:
         access_log=access_log,
         metrics=metrics,
         drain_timeout=drain_timeout,
+        workers=workers,
     )
+
+
+#: ``workers:`` when the file has none.
+DEFAULT_WORKERS: int | str = 1
+#: The most ``workers:`` accepted: beyond it a typo (``workers: 400``) is likelier than a machine.
+MAX_WORKERS = 64
+
+
+def available_cores() -> int:
+    """The CPUs this process may run on (its affinity mask, as ``nproc`` counts)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _parse_workers(c: _Checker, value: object) -> int:
+    """``workers: N`` (1-64) or ``workers: auto`` (one per available core)."""
+    if value == "auto":
+        return min(available_cores(), MAX_WORKERS)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        c.error(
+            "workers",
+            f"must be a whole number from 1 to {MAX_WORKERS}, or auto (one per core), "
+            f"not {value!r}",
+        )
+        return 1
+    return value
 
 
 def _parse_access_log(c: _Checker, value: object) -> AccessLogSettings | None:
@@ -1368,11 +1403,18 @@ def load_config(path: str) -> Config:
 
     :raises ConfigError: if the file cannot be read or is not a valid configuration.
     """
+    return parse_yaml(read_config_text(path), path)
+
+
+def read_config_text(path: str) -> str:
+    """The text of the configuration file at ``path`` (not yet validated).
+
+    :raises ConfigError: if the file cannot be read as UTF-8 text.
+    """
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except OSError as exc:
         raise ConfigError(path, [Problem("", f"cannot read the file: {exc.strerror}")]) from None
     except UnicodeDecodeError:
         raise ConfigError(path, [Problem("", "is not UTF-8 text")]) from None
-    return parse_yaml(text, path)

@@ -86,7 +86,9 @@ def _demo_config(options: Options) -> Config:
 
 def makeService(options: Options) -> MultiService:
     """Build the tlsproxy service, or exit with every problem printed on stderr."""
-    from twisted.internet import reactor
+    from tlsproxy.reactor import install
+
+    reactor = install()  # first: before anything imports Twisted's default reactor
 
     from tlsproxy.service import build_service, load_certificates
 

@@ -46,16 +46,26 @@ class AccessLogWriter:
         self._previous_usr1: Any = None
         self._write_failed = False
 
-    def open(self) -> None:
+    def open(self, fd: int | None = None) -> None:
         """Open (or create) the file for appending.
 
+        :param fd: write to this open file descriptor (inherited from a
+            supervisor that opened ``path`` before dropping privileges; this
+            writer owns it from now on) instead of opening ``path``.
         :raises OSError: if it cannot be.
         """
-        if self.path == "-":
+        if fd is not None:
+            self._file = open(fd, "a", buffering=BUFFER, encoding="utf-8")  # noqa: SIM115
+        elif self.path == "-":
             # Not sys.stdout: twistd redirects that into its own log.
             self._file = open(os.dup(1), "a", buffering=BUFFER, encoding="utf-8")  # noqa: SIM115
         else:
             self._file = open(self.path, "a", buffering=BUFFER, encoding="utf-8")  # noqa: SIM115
+
+    def fileno(self) -> int | None:
+        """The open file's descriptor (None: not open), e.g. to hand to worker processes."""
+        f = self._file
+        return None if f is None else f.fileno()
 
     def __call__(self, entry: Entry) -> None:
         f = self._file

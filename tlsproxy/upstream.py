@@ -36,6 +36,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tlsproxy.eager import connect_tcp
+
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IConnector
 
@@ -306,6 +308,9 @@ class UpstreamPools:
         self._reactor = reactor
         self._settings = settings
         self._idle: dict[BackendLike, list[BackendConnection]] = {}
+        # the backend get() last found an idle list for, and that list
+        self._last_backend: BackendLike | None = None
+        self._last_idle: list[BackendConnection] | None = None
         self._connections: set[BackendConnection] = set()
         self._attempts: dict[BackendUser, _ConnectAttempt] = {}
         #: TLS connection creators of https backends (see `_tls_creator`).
@@ -321,7 +326,12 @@ class UpstreamPools:
         With None, a new connection is being made and ``user`` will be told
         through ``backend_connected`` or ``backend_connect_failed``.
         """
-        idle = self._idle.get(backend)
+        if backend is self._last_backend:
+            idle = self._last_idle  # saves hashing the backend (the usual case)
+        else:
+            idle = self._idle.get(backend)
+            if idle is not None:
+                self._last_backend, self._last_idle = backend, idle
         if idle:
             now = self._reactor.seconds()
             limit = now - self._settings.backend_idle_timeout
@@ -352,11 +362,12 @@ class UpstreamPools:
             self._attempts[user] = attempt
             return
         self._attempts[user] = attempt
-        self._reactor.connectTCP(
+        connect_tcp(
+            self._reactor,
             backend.host,
             backend.port,
             factory,
-            timeout=self._settings.backend_connect_timeout,
+            self._settings.backend_connect_timeout,
         )
 
     def reload_tls(self) -> None:

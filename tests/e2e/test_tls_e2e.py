@@ -58,6 +58,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
         return str(pki.write_combined(directory, leaf, name=name))
 
     config = {
+        # One process: a session resumes only in the process that issued it.
+        "workers": 1,
         "default_host": "default.test",
         "hosts": {
             "example.test": {
@@ -257,6 +259,37 @@ def test_python_tls11_refused(server: Any, setup: Setup) -> None:
     context.set_ciphers("DEFAULT:@SECLEVEL=0")
     with pytest.raises(ssl.SSLError):
         python_client(server, setup, "example.test", context)
+
+
+def _request_and_session(
+    server: Any, setup: Setup, context: ssl.SSLContext, session: ssl.SSLSession | None
+) -> tuple[ssl.SSLSession | None, bool, bytes]:
+    """One request on a new connection offering ``session``: the session to offer
+    next, whether this one was resumed, and the status line."""
+    raw = socket.create_connection(("127.0.0.1", server.https_port), timeout=10)
+    with context.wrap_socket(raw, server_hostname="example.test", session=session) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(4096):  # ends at the server's close_notify
+            data += chunk
+        return sock.session, sock.session_reused, data.split(b"\r\n", 1)[0]
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
+def test_a_returning_client_resumes_its_session(
+    server: Any, setup: Setup, version: ssl.TLSVersion
+) -> None:
+    """A client offering the session (TLS 1.3 ticket, TLS 1.2 session) it got on its
+    last connection skips the full handshake, and its request is served the same."""
+    context = ssl.create_default_context(cafile=str(setup.ca_file))
+    context.minimum_version = context.maximum_version = version
+    session, reused, status = _request_and_session(server, setup, context, None)
+    assert not reused and session is not None
+    assert status == b"HTTP/1.1 502 Bad Gateway"  # the backend is not there
+    for _ in range(2):
+        session, reused, status = _request_and_session(server, setup, context, session)
+        assert reused
+        assert status == b"HTTP/1.1 502 Bad Gateway"
 
 
 # -- pyOpenSSL (bundled OpenSSL with ML-KEM) over a real socket ------------------------

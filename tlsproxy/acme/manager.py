@@ -82,12 +82,16 @@ class ThreadedIssuer:
         reactor: Any,
         tokens: ChallengeTokens,
         challenges: ChallengeCertificates,
+        acknowledged: Callable[[], Deferred[Any]] | None = None,
     ) -> None:
         self.current = current
         self.store = store
         self.reactor = reactor
         self.tokens = tokens
         self.challenges = challenges
+        #: Fires once every process serving the challenges has them (worker
+        #: processes: see `tlsproxy.supervisor`); awaited before the CA is told.
+        self.acknowledged = acknowledged
         self.pool = ThreadPool(minthreads=0, maxthreads=POOL_THREADS, name="tlsproxy-acme")
         self._session: issuance.Session | None = None
         #: The callers waiting for the one connection in progress (empty: none is).
@@ -151,6 +155,8 @@ class ThreadedIssuer:
                     log.info(
                         "ACME: answering {kind} for {name}", kind=answer.kind, name=answer.name
                     )
+                if self.acknowledged is not None:
+                    await self.acknowledged()
                 fullchain: bytes = await self._thread(issuance.complete_order, session, pending)
             finally:
                 for answer in pending.answers:
