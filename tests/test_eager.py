@@ -36,6 +36,7 @@ class Sink(Protocol):
         self.chunks: list[bytes] = []
         self.size = 0
         self.done: Deferred[bytes] = Deferred()
+        self.done.addTimeout(10, reactor)  # a failing test fails, it does not hang
 
     def dataReceived(self, data: bytes) -> None:
         self.chunks.append(data)
@@ -192,3 +193,49 @@ def test_eager_endpoints_report_bind_errors() -> None:
     endpoint.listen(Factory.forProtocol(Protocol)).addBoth(results.append)
     taken.close()
     assert isinstance(results[0], Failure)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pull_producer_is_asked_for_more_until_it_is_done() -> None:
+    """A non-streaming (pull) producer gets resumeProducing from the writable turn,
+    as on Twisted's own transport: all of its output arrives."""
+    total = 100_000
+    port, server, sink, connector = await _pair(total)
+    transport: Any = server.transport
+
+    class Pull:
+        sent = 0
+
+        def resumeProducing(self) -> None:
+            if self.sent < total:
+                transport.write(b"p" * 1000)
+                self.sent += 1000
+            else:
+                transport.unregisterProducer()
+
+        def stopProducing(self) -> None:
+            pass
+
+    try:
+        transport.registerProducer(Pull(), False)
+        assert await sink.done == b"p" * total
+    finally:
+        connector.disconnect()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_is_sent_after_an_abort() -> None:
+    """Bytes written after abortConnection are dropped, as Twisted drops them."""
+    port, server, sink, connector = await _pair(1)
+    transport: Any = server.transport
+    lost: Deferred[None] = Deferred()
+    sink.connectionLost = lambda reason: lost.callback(None)  # type: ignore[method-assign]
+    try:
+        transport.abortConnection()
+        transport.write(b"written after abort")
+        await lost
+        assert sink.chunks == []
+    finally:
+        connector.disconnect()
+        await port.stopListening()

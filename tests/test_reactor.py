@@ -22,7 +22,13 @@ class Echo(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if data == b"boom":
             raise RuntimeError("application bug")
+        if data == b"fail on close":
+            self.connectionLost = self._fail  # type: ignore[method-assign]
+            return
         self.transport.write(data)  # type: ignore[union-attr]
+
+    def _fail(self, reason: object = None) -> None:
+        raise RuntimeError("bug in connectionLost")
 
 
 def _spin(reactor: ProxyReactor, done: Any, limit: int = 400) -> None:
@@ -99,3 +105,30 @@ def test_install_uses_ours_unless_a_reactor_was_chosen(setup: str, expected: str
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == expected
+
+
+def test_an_error_while_closing_a_connection_spares_the_other_events(echo_reactor: Any) -> None:
+    """An exception raised by a protocol's connectionLost is logged, and the reactor
+    goes on serving other connections."""
+    reactor, port = echo_reactor
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as bad,
+            socket.create_connection(("127.0.0.1", port), timeout=5) as good,
+        ):
+            bad.sendall(b"fail on close")
+            for _ in range(20):
+                reactor.iterate(0.005)
+            bad.close()
+            good.setblocking(False)
+            good.sendall(b"still here")
+            _spin(reactor, _recv_ready(good))
+            assert good.recv(100) == b"still here"
+            for _ in range(20):
+                reactor.iterate(0.005)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    failures = [e.get("log_failure", e.get("failure")) for e in events]
+    assert any(f is not None and "connectionLost" in f.getTraceback() for f in failures)

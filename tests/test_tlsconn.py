@@ -307,3 +307,35 @@ def test_producers_and_flow_control_go_to_the_tcp_transport(leaf: pki.Leaf) -> N
     assert tcp.producerState == "paused"
     connection.resumeProducing()
     assert tcp.producerState == "producing"
+
+
+def test_close_after_the_clients_close_notify_does_not_wait_for_a_producer(
+    leaf: pki.Leaf,
+) -> None:
+    """When TLS ends (the client's close_notify, or an error), the application's
+    producer is unregistered so the socket closes even while the producer is
+    paused (Twisted would otherwise resume it instead of closing)."""
+    app = App()
+    pair = Pair(leaf, app)
+    pair.client.write(b"x")
+    pair.flush()
+
+    class Producer:
+        def pauseProducing(self) -> None: ...
+        def resumeProducing(self) -> None: ...
+        def stopProducing(self) -> None: ...
+
+    pair.server.registerProducer(Producer(), True)
+    pair.client.loseConnection()  # sends close_notify
+    pair.flush()
+    assert app.lost is not None and app.lost.check(ConnectionDone)
+    assert pair.server.transport.producer is None
+
+    app2 = App()
+    pair2 = Pair(leaf, app2)
+    pair2.client.write(b"x")
+    pair2.flush()
+    pair2.server.registerProducer(Producer(), True)
+    pair2.server.dataReceived(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+    assert pair2.server.transport.producer is None
+    assert pair2.server.transport.disconnecting

@@ -67,6 +67,9 @@ class _EagerWrites:
     dataBuffer: bytes
     _tempDataLen: int
     _writeDisconnected: bool
+    _aborting: bool
+    producer: Any
+    streamingProducer: bool
 
     def write(self, data: bytes) -> None:
         if (
@@ -75,6 +78,9 @@ class _EagerWrites:
             and not self.dataBuffer
             and self.connected
             and not self._writeDisconnected
+            and not self._aborting
+            # A pull producer is asked for more from the writable turn.
+            and (self.producer is None or self.streamingProducer)
         ):
             try:
                 sent = self.socket.send(data)

@@ -1725,7 +1725,7 @@ class ProxyFactory(Factory):
         settings = ProxySettings(...)  # or ProxySettings() for the defaults
         pools = UpstreamPools(reactor, settings)
         factory = ProxyFactory(router=router, pools=pools, clock=reactor, settings=settings)
-        # wrap in TLSMemoryBIOFactory and listen; on shutdown: pools.close()
+        # wrap in tlsconn.TLSServerFactory and listen; on shutdown: pools.close()
 
     ``router.table(sni, host)`` returns the routes of a request's site (see
     :class:`Router`); on a configuration reload assign a new one to

@@ -7,7 +7,8 @@ around the read or write: about 7 % of the proxy's time under keep-alive load
 tlsproxy logs through ``twisted.logger`` with named fields, so `ProxyReactor`
 dispatches events directly.  Errors raised by a read or write are still
 caught, logged and turned into the connection's loss by Twisted's
-``_doReadOrWrite``, exactly as before.
+``_doReadOrWrite``; one raised while closing a connection is logged here,
+as ``callWithLogger`` did, and the other events of the batch still run.
 
 `install` is called by the twistd plugin (and the worker processes) before
 anything imports ``twisted.internet.reactor``; if a reactor is installed
@@ -21,8 +22,11 @@ import sys
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
+from twisted.logger import Logger
 
 __all__ = ["ProxyReactor", "install"]
+
+_log = Logger()
 
 
 class ProxyReactor(EPollReactor):
@@ -41,7 +45,13 @@ class ProxyReactor(EPollReactor):
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is not None:
-                handle(selectable, fd, event)
+                try:
+                    handle(selectable, fd, event)
+                except BaseException:
+                    # _doReadOrWrite contains errors of reads and writes; this
+                    # catches one raised while a connection was being closed
+                    # (its connectionLost), so the other events still run.
+                    _log.failure("error handling an event of {selectable}", selectable=selectable)
 
     doIteration = doPoll
 

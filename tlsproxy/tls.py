@@ -8,11 +8,12 @@ client-initiated renegotiation, ALPN ``http/1.1``).  A host may hold one
 ECDSA and one RSA certificate, each with its own intermediates; OpenSSL serves
 whichever the client's signature algorithms accept.
 
-`SNIConnectionCreator` is what Twisted's ``TLSMemoryBIOFactory`` calls for each
-accepted connection.  Every connection starts on the default host's context
-(which fixes the protocol versions, so all contexts share one policy) and the
-servername callback switches it to the named host's context by an in-memory
-lookup.  `SNIConnectionCreator.swap` installs a new `ServerContexts` on reload;
+`SNIConnectionCreator` is what `tlsproxy.tlsconn.TLSServerFactory` (or
+Twisted's ``TLSMemoryBIOFactory``) calls for each accepted connection.  Every
+connection starts on the default host's context (which fixes the protocol
+versions, so all contexts share one policy) and the servername callback
+switches it to the named host's context by an in-memory lookup.
+`SNIConnectionCreator.swap` installs a new `ServerContexts` on reload;
 existing connections keep the contexts they started with.
 
 A host with ``client_auth`` gets the trust store, CA names and verify mode of
@@ -27,7 +28,7 @@ challenge certificate's context and selects ``acme-tls/1``.  Other
 handshakes pay one membership test of the offered protocols.
 
 The name the client sent stays readable after the handshake: from a protocol
-over ``TLSMemoryBIOProtocol``, ``transport.getHandle().get_servername()``
+over `tlsproxy.tlsconn.TLSServerConnection`, ``transport.getHandle().get_servername()``
 returns it as bytes (None when the client sent no SNI).
 
 Must not read files or block inside TLS callbacks, and must never log key
@@ -481,7 +482,7 @@ def build_server_contexts(
 class SNIConnectionCreator:
     """Creates each accepted TLS connection on the current `ServerContexts`.
 
-    Pass it to ``TLSMemoryBIOFactory(creator, False, factory)``.
+    Pass it to ``TLSServerFactory(creator, factory)`` (`tlsproxy.tlsconn`).
     """
 
     def __init__(self, contexts: ServerContexts) -> None:

@@ -168,7 +168,7 @@ class TLSServerConnection(Protocol):
             # The client's close_notify: answer it and close.
             self._finished = True
             self._shutdown()
-            self.transport.loseConnection()
+            self._close_tcp()
         else:
             self._fail(Failure(_tls_error(ssl, n)))
 
@@ -200,6 +200,16 @@ class TLSServerConnection(Protocol):
             self._reason = failure
         self._finished = True
         self._flush()
+        self._close_tcp()
+
+    def _close_tcp(self) -> None:
+        """TLS is over: close the socket once what is queued was sent.
+
+        The application's producer is unregistered first: Twisted's transport
+        would otherwise resume a paused producer instead of closing, and keep
+        the connection open for output that can no longer be sent.
+        """
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     # ------------------------------------ transport of the application side
