@@ -3,9 +3,11 @@ control channel's commands, challenge fan-out and metrics merging. No processes,
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,6 +18,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogLevel, eventAsJSON, globalLogPublisher
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from tests import pki
@@ -50,6 +53,18 @@ BASE: dict[str, Any] = {
 
 def config_with(**top: Any) -> Any:
     return parse_config({**BASE, **top}, "proxy.yaml")
+
+
+@contextlib.contextmanager
+def captured_events() -> Iterator[list[dict[str, Any]]]:
+    """The log events published while the block runs."""
+    events: list[dict[str, Any]] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(observer)
 
 
 # The config key.
@@ -87,6 +102,31 @@ def test_a_bad_workers_value_is_reported_with_the_other_problems() -> None:
     assert paths == ["drain_timeout", "workers"]
 
 
+@pytest.mark.parametrize("kind", ["https", "http"])
+def test_a_proxy_protocol_listener_with_several_workers_is_refused_before_anything_binds(
+    kind: str,
+) -> None:
+    """Workers share bare listening sockets, so an endpoint that wraps its connections
+    (``haproxy:`` for the PROXY protocol) would lose the wrapper and break every
+    connection: with ``workers`` above 1 it is a config error naming the key and the
+    endpoint types that work; with one process it stays allowed."""
+    listen = {"https": ["tcp:8443"], kind: ["tcp:8000", "haproxy:tcp:8444"]}
+    with pytest.raises(ConfigError) as caught:
+        config_with(listen=listen, workers=2)
+    assert str(caught.value).splitlines() == [
+        f"proxy.yaml: listen.{kind}[1]: haproxy: endpoints cannot be shared by workers "
+        "(workers: 2); with workers above 1 use tcp:, tcp6:, unix:, systemd: endpoints, "
+        "or workers: 1"
+    ]
+    assert (
+        config_with(listen=listen, workers=1)
+        .listen.https[-1]
+        .startswith("haproxy:" if kind == "https" else "tcp:")
+    )
+    shared = {"https": ["tcp6:8443", "unix:/run/t.sock", "systemd:domain=INET:index=0"]}
+    assert config_with(listen=shared, workers=2).workers == 2
+
+
 # The supervisor, with a fake launcher.
 
 
@@ -94,6 +134,7 @@ class FakeHandle:
     def __init__(self, pid: int) -> None:
         self.pid: int | None = pid
         self.signals: list[str] = []
+        self.last_words: list[str] = []
 
     def signal(self, name: str) -> None:
         self.signals.append(name)
@@ -143,6 +184,13 @@ def supervisor_of(count: int, drain: float = 10.0) -> tuple[WorkerSupervisor, Fa
     return supervisor, launcher, clock
 
 
+def serve(supervisor: WorkerSupervisor, launcher: FakeLauncher, index: int = 0) -> FakeCaller:
+    """Make the worker in slot ``index`` ready (it served), as after a normal start."""
+    caller = FakeCaller()
+    supervisor.worker_ready(index, launcher.current(index), caller)
+    return caller
+
+
 def test_every_worker_is_started_and_a_crashed_one_is_restarted_after_a_second() -> None:
     """With ``workers: 3`` three processes start; one that dies is logged and started
     again one second later, the others untouched."""
@@ -163,6 +211,7 @@ def test_a_crash_looping_worker_backs_off_up_to_thirty_seconds_and_recovers() ->
     """A worker that keeps dying at once is restarted after 1, 2, 4, 8, 16, then 30 s
     at most; once one ran for a minute, its next crash is treated as a first crash."""
     supervisor, launcher, clock = supervisor_of(1)
+    serve(supervisor, launcher)
     waits = []
     for _ in range(8):
         supervisor.worker_exited(0, launcher.current(0), 1, None)
@@ -189,6 +238,7 @@ def test_back_off_delays() -> None:
 def test_an_exit_reported_for_a_replaced_process_changes_nothing() -> None:
     """A late exit report of a process already replaced does not restart anything again."""
     supervisor, launcher, clock = supervisor_of(1)
+    serve(supervisor, launcher)
     first = launcher.current(0)
     supervisor.worker_exited(0, first, 1, None)
     clock.advance(1)
@@ -666,20 +716,21 @@ def test_a_worker_that_cannot_be_spawned_is_tried_again_with_back_off() -> None:
         failures = 2
 
         def launch(self, index: int, supervisor: WorkerSupervisor) -> FakeHandle:
-            if self.failures:
+            if index == 1 and self.failures:
                 self.failures -= 1
                 raise OSError(24, "Too many open files")
             return super().launch(index, supervisor)
 
     clock = Clock()
     launcher = Failing()
-    supervisor = WorkerSupervisor(1, launcher, clock, drain_timeout=lambda: 1.0)
+    supervisor = WorkerSupervisor(2, launcher, clock, drain_timeout=lambda: 1.0)
     supervisor.startService()
-    assert supervisor.pids() == []
-    clock.advance(1)
-    assert supervisor.pids() == []
-    clock.advance(2)
+    serve(supervisor, launcher, 0)
     assert supervisor.pids() == [1000]
+    clock.advance(1)
+    assert supervisor.pids() == [1000]
+    clock.advance(2)
+    assert supervisor.pids() == [1000, 1001]
 
 
 def test_a_worker_writes_the_access_log_its_supervisor_opened(tmp_path: Path) -> None:
@@ -707,3 +758,242 @@ def test_a_worker_writes_the_access_log_its_supervisor_opened(tmp_path: Path) ->
     parent.stop()
     assert '"GET /w HTTP/1.1" 204' in (tmp_path / "moved.log").read_text()
     assert not path.exists()
+
+
+def _entry(target: bytes = b"/") -> Any:
+    from tlsproxy.accesslog import Entry
+
+    return Entry(
+        time=1_700_000_000.0, client="192.0.2.1", method=b"GET", target=target,
+        protocol="HTTP/1.1", host=b"example.com", status=200, bytes_sent=0, duration=0.0,
+    )  # fmt: skip
+
+
+def test_a_failed_access_log_reopen_keeps_writing_to_the_old_file(tmp_path: Path) -> None:
+    """When SIGUSR1 cannot open a new access log at the path (logrotate moved it and the
+    directory is not writable, say), lines keep going to the file open before, and the
+    supervisor still has a descriptor to hand to a worker it restarts; the error is logged."""
+    from tlsproxy.telemetry import AccessLogWriter
+
+    path = tmp_path / "access.log"
+    writer = AccessLogWriter(str(path), "combined", Clock())
+    writer.open()
+    fd = writer.fileno()
+    path.rename(tmp_path / "access.log.1")
+    path.mkdir()  # the new file cannot be opened
+    with captured_events() as events:
+        writer.reopen()
+    assert writer.fileno() == fd
+    writer(_entry(b"/still-logged"))
+    writer.stop()
+    assert "/still-logged" in (tmp_path / "access.log.1").read_text()
+    assert any(
+        e["log_level"] == LogLevel.error and "cannot reopen" in e["log_format"] for e in events
+    )
+
+
+def test_a_worker_handed_no_access_log_starts_anyway_and_opens_it_later(tmp_path: Path) -> None:
+    """A worker started without the supervisor's access-log descriptor opens the path
+    itself; if it cannot, it logs why and serves without an access log (rather than
+    failing to start and being restarted forever), and a later reopen picks the file up."""
+    from tlsproxy.config import AccessLogSettings
+    from tlsproxy.worker import own_access_log
+
+    path = tmp_path / "logs" / "access.log"
+    with captured_events() as events:
+        writer = own_access_log(AccessLogSettings(path=str(path), format="combined"), Clock(), 1)
+    assert writer.fileno() is None
+    assert [e["worker"] for e in events if e["log_level"] == LogLevel.error] == [1]
+    writer(_entry(b"/dropped"))
+    path.parent.mkdir()
+    writer.reopen()
+    writer(_entry(b"/kept"))
+    writer.stop()
+    assert "/kept" in path.read_text() and "/dropped" not in path.read_text()
+
+
+def test_when_no_worker_can_start_the_supervisor_gives_up_with_their_reasons() -> None:
+    """If every worker fails before it is ready on the first start (an interpreter or a
+    file the user tlsproxy runs as cannot use), tlsproxy stops with the workers' own
+    messages, as a single process refusing to start would, instead of keeping its ports
+    bound while clients hang; nothing is restarted."""
+    fatal: list[str] = []
+    clock = Clock()
+    launcher = FakeLauncher()
+    supervisor = WorkerSupervisor(
+        2, launcher, clock, drain_timeout=lambda: 1.0, on_fatal=fatal.append
+    )
+    supervisor.startService()
+    first = launcher.current(0)
+    first.last_words = ["cannot start: ca.pem: Permission denied"]
+    supervisor.worker_exited(0, first, 1, None)
+    assert fatal == []
+    clock.advance(1)  # slot 0 restarted; still no worker ever ready
+    supervisor.worker_exited(1, launcher.current(1), 1, None)
+    assert fatal == [
+        "no worker could start: worker 0 exited with status 1 before it was ready: "
+        "cannot start: ca.pem: Permission denied | worker 1 exited with status 1 before "
+        "it was ready"
+    ]
+    clock.advance(100)
+    assert len(launcher.launched) == 3
+    assert not clock.getDelayedCalls()
+
+
+def test_a_worker_failing_at_start_while_another_serves_is_retried() -> None:
+    """Once one worker serves, another that fails before it is ready is a worker
+    problem, not a start-up failure: it is restarted with back-off, tlsproxy keeps going."""
+    fatal: list[str] = []
+    clock = Clock()
+    launcher = FakeLauncher()
+    supervisor = WorkerSupervisor(
+        2, launcher, clock, drain_timeout=lambda: 1.0, on_fatal=fatal.append
+    )
+    supervisor.startService()
+    serve(supervisor, launcher, 1)
+    for _ in range(3):
+        supervisor.worker_exited(0, launcher.current(0), 1, None)
+        clock.advance(30)
+    assert fatal == []
+    assert len(launcher.launched) == 5
+
+
+# Scraping the supervisor's metrics.
+
+
+class MetricsCaller(FakeCaller):
+    """A ready worker whose metrics page is ``text`` (held back when ``answer`` is off)."""
+
+    def __init__(self, text: str, answer: bool = True) -> None:
+        super().__init__(answer)
+        self.text = text.encode()
+
+    def callRemote(self, commandType: Any, *args: Any, **kwargs: Any) -> Any:
+        if commandType is not control.MetricsPage:
+            return FakeCaller(answer=True).callRemote(commandType, *args, **kwargs)
+        self.calls.append((commandType.__name__, kwargs))
+        page = {"snapshot": 1, "data": self.text, "total": len(self.text)}
+        if self.answer:
+            return succeed(page)
+        d: Deferred[Any] = Deferred()
+        self.waiting.append((commandType.__name__, d))
+        return d
+
+    def release(self) -> None:
+        for d in self.pending("MetricsPage"):
+            if not d.called:
+                d.callback({"snapshot": 1, "data": self.text, "total": len(self.text)})
+
+
+def scraped(d: Deferred[Any]) -> list[Any]:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    return results
+
+
+def test_a_hung_worker_delays_a_scrape_by_three_seconds_at_most() -> None:
+    """A worker that does not answer (stopped, stuck) is left out of a scrape after 3 s,
+    well inside Prometheus's default 10 s scrape timeout, so the target stays up with
+    the metrics of the workers that did answer; the missing worker is logged."""
+    supervisor, launcher, clock = supervisor_of(2)
+    supervisor.worker_ready(0, launcher.current(0), MetricsCaller("a 1\n"))
+    supervisor.worker_ready(1, launcher.current(1), MetricsCaller("b 1\n", answer=False))
+    with captured_events() as events:
+        results = scraped(supervisor.collect_metrics())
+        clock.advance(2.9)
+        assert results == []
+        clock.advance(0.1)
+    assert results == [{"0": "a 1\n"}]
+    warned = [e for e in events if e["log_level"] == LogLevel.warn]
+    assert [e["worker"] for e in warned] == [1]
+
+
+def test_concurrent_scrapes_share_one_collection_and_both_get_every_worker() -> None:
+    """Two Prometheus servers scraping at once (an HA pair) both get every worker's
+    metrics: the second scrape joins the collection under way instead of starting one
+    that would replace the worker's metrics snapshot while the first is paging it."""
+    supervisor, launcher, _ = supervisor_of(2)
+    callers = [MetricsCaller("a 1\n", answer=False), MetricsCaller("b 1\n", answer=False)]
+    for index, caller in enumerate(callers):
+        supervisor.worker_ready(index, launcher.current(index), caller)
+    first = scraped(supervisor.collect_metrics())
+    second = scraped(supervisor.collect_metrics())
+    for caller in callers:
+        caller.release()
+    assert first == second == [{"0": "a 1\n", "1": "b 1\n"}]
+    assert [len(c.pending("MetricsPage")) for c in callers] == [1, 1]
+    third = scraped(supervisor.collect_metrics())  # a later scrape collects afresh
+    assert third == [] and [len(c.pending("MetricsPage")) for c in callers] == [2, 2]
+
+
+def test_a_scrape_with_no_worker_ready_answers_at_once() -> None:
+    """While no worker is ready, a scrape answers at once with the supervisor's own
+    metrics rather than waiting."""
+    supervisor, _, _ = supervisor_of(2)
+    assert scraped(supervisor.collect_metrics()) == [{}]
+
+
+def test_a_scraper_that_disconnects_early_is_not_answered_and_nothing_fails() -> None:
+    """A scraper that gives up before the workers answered is simply not answered: no
+    write to its closed connection and no error logged; a patient one gets the page."""
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+    from twisted.web.server import NOT_DONE_YET
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from tlsproxy.supervisor import MergedMetricsResource
+
+    pending: list[Deferred[dict[str, str]]] = []
+
+    def collect() -> Deferred[dict[str, str]]:
+        pending.append(Deferred())
+        return pending[-1]
+
+    resource = MergedMetricsResource(Metrics(lambda: 0, lambda: {}, lambda: {}), collect)
+    impatient, patient = DummyRequest([b"metrics"]), DummyRequest([b"metrics"])
+    with captured_events() as events:
+        assert resource.render_GET(impatient) is NOT_DONE_YET
+        assert resource.render_GET(patient) is NOT_DONE_YET
+        impatient.processingFailed(Failure(ConnectionLost()))
+        for d in pending:
+            d.callback({"0": "# TYPE x gauge\nx 1\n"})
+    assert (impatient.finished, impatient.written) == (0, [])
+    assert patient.finished == 1 and b'x{worker="0"} 1' in b"".join(patient.written)
+    assert [e for e in events if e["log_level"] >= LogLevel.error] == []
+
+
+def test_a_worker_failing_to_answer_a_broadcast_is_logged_once_not_as_a_traceback() -> None:
+    """A worker that fails to acknowledge a command (it died, it timed out) is a routine
+    event: one warning, no "Unhandled error in Deferred" traceback when it is collected."""
+    import gc
+
+    from twisted.internet.defer import fail
+
+    class Failing(FakeCaller):
+        def callRemote(self, commandType: Any, *args: Any, **kwargs: Any) -> Any:
+            if commandType is control.ReopenLogs:
+                return fail(RuntimeError("the worker went away"))
+            return super().callRemote(commandType, *args, **kwargs)
+
+    supervisor, launcher, _ = supervisor_of(1)
+    with captured_events() as events:
+        supervisor.worker_ready(0, launcher.current(0), Failing())
+        answers = scraped(supervisor.reopen_logs())
+        assert isinstance(answers[0][0], Failure)
+        del answers
+        gc.collect()
+    assert [e["log_level"] for e in events if e["log_level"] >= LogLevel.warn] == [LogLevel.warn]
+
+
+def test_lines_for_a_pipe_go_out_in_whole_line_chunks_of_at_most_pipe_buf() -> None:
+    """Lines for a shared pipe are grouped into writes of at most 4096 bytes that end on
+    a line boundary, in order; a line longer than that is written on its own."""
+    from tlsproxy.telemetry import PIPE_BUF, line_chunks
+
+    lines = [b"a" * 1000 + b"\n"] * 5 + [b"b" * 5000 + b"\n", b"c\n"]
+    chunks = list(line_chunks(lines))
+    assert b"".join(chunks) == b"".join(lines)
+    assert [len(c) for c in chunks] == [4004, 1001, 5001, 2]
+    assert all(c.endswith(b"\n") for c in chunks)
+    assert all(len(c) <= PIPE_BUF for c in chunks if c.count(b"\n") > 1)
+    assert list(line_chunks([])) == []

@@ -1193,6 +1193,7 @@ def parse_config(document: object, source: str) -> Config:
         else:
             drain_timeout = float(value)
     workers = _parse_workers(c, doc.get("workers", DEFAULT_WORKERS))
+    _check_worker_listeners(c, listen, workers)
     _check_acme_hosts(c, acme, hosts, listen)
     default_host = hosts[0].name if hosts else ""
     if "default_host" in doc:
@@ -1256,6 +1257,28 @@ def _parse_workers(c: _Checker, value: object) -> int:
         )
         return 1
     return value
+
+
+#: Endpoint types whose listening socket workers can share (the supervisor hands them
+#: the bare socket, so an endpoint that wraps the connections, like ``haproxy:``, cannot be).
+WORKER_ENDPOINTS = ("tcp", "tcp6", "unix", "systemd")
+
+
+def _check_worker_listeners(c: _Checker, listen: Listen, workers: int) -> None:
+    """With ``workers`` above 1 every listener must be a plain socket the workers share."""
+    if workers <= 1:
+        return
+    for kind, strings in (("https", listen.https), ("http", listen.http)):
+        for i, text in enumerate(strings):
+            endpoint = text.split(":", 1)[0].strip().lower()
+            if endpoint in WORKER_ENDPOINTS or endpoint in ("ssl", "tls"):
+                continue  # ssl:/tls: are refused for every worker count, when parsed
+            c.error(
+                f"listen.{kind}[{i}]",
+                f"{endpoint}: endpoints cannot be shared by workers (workers: {workers}); "
+                f"with workers above 1 use {', '.join(e + ':' for e in WORKER_ENDPOINTS)} "
+                f"endpoints, or workers: 1",
+            )
 
 
 def _parse_access_log(c: _Checker, value: object) -> AccessLogSettings | None:

@@ -12,7 +12,9 @@ It then:
 
 - restarts a worker that exits unexpectedly, logging its exit code or
   signal, backing off a crash loop (1 s doubling to 30 s; reset once a
-  worker stayed up 60 s);
+  worker stayed up 60 s); but if every worker fails before it is ready at
+  the first start, it gives up and the process exits with status 1 and their
+  messages, as a single process refusing to start would;
 - on SIGHUP or a file change (``watch_interval``) reloads its own runtime
   first and, only if that is sound, sends every worker the new snapshot: a
   broken file is refused once, here, and the workers keep serving;
@@ -23,7 +25,9 @@ It then:
   CA is told a challenge is ready only once every worker acknowledged it;
   a newly issued certificate is served by every worker;
 - serves ``metrics.listen``: each worker's metrics, labelled ``worker``,
-  plus its own certificate and ACME gauges.
+  plus its own certificate and ACME gauges; a scrape waits at most
+  ``METRICS_DEADLINE`` for the workers, and concurrent scrapes share one
+  collection.
 
 It must not: serve client traffic, parse worker logs beyond re-emitting their
 events, or decide what a configuration means (`tlsproxy.service` does).
@@ -31,6 +35,7 @@ events, or decide what a configuration means (`tlsproxy.service` does).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -44,11 +49,11 @@ from cryptography.hazmat.primitives import serialization
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
-from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.error import ProcessExitedAlready, ReactorNotRunning
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.protocol import Protocol as TwistedProtocol
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import Logger, LogLevel, eventFromJSON, formatEvent, globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -78,12 +83,17 @@ log = Logger()
 KILL_GRACE = 5.0
 #: Seconds a worker has to acknowledge a challenge, a reload or a metrics page.
 ANSWER_TIMEOUT = 10.0
+#: Seconds a metrics scrape waits for the workers: well below Prometheus's
+#: default scrape timeout (10 s), so one hung worker cannot fail the whole target.
+METRICS_DEADLINE = 3.0
 #: The fds a worker finds its log pipe, control channel and access log on
 #: (listeners follow).
 LOG_FD = 3
 CONTROL_FD = 4
 ACCESS_LOG_FD = 5
 FIRST_LISTEN_FD = 6
+#: How many of a worker's last error lines say why it could not start.
+LAST_WORDS = 3
 
 
 @attrs.frozen
@@ -123,7 +133,9 @@ def _answers_by_worker(
                 )
         return out
 
-    done: Deferred[dict[int, Any | Failure]] = DeferredList(calls).addCallback(answers)
+    done: Deferred[dict[int, Any | Failure]] = DeferredList(calls, consumeErrors=True).addCallback(
+        answers
+    )
     return done
 
 
@@ -137,6 +149,8 @@ class Handle(Protocol):
     """A running worker process."""
 
     pid: int | None
+    #: The last errors it logged or wrote on stderr (why it could not start).
+    last_words: list[str]
 
     def signal(self, name: str) -> None:
         """Send the signal ``name`` (``TERM``, ``KILL``, …); nothing if it already exited."""
@@ -160,6 +174,8 @@ class _Slot:
     started: float = 0.0
     crashes: int = 0
     restart: IDelayedCall | None = None
+    #: Why this slot's first process failed before it was ready (None: it has not).
+    first_failure: str | None = None
 
 
 class FanOutTokens(ChallengeTokens):
@@ -244,8 +260,13 @@ class WorkerSupervisor(Service):
         tokens: FanOutTokens | None = None,
         certificates: FanOutCertificates | None = None,
         backoff: BackOff | None = None,
+        on_fatal: Callable[[str], object] | None = None,
     ) -> None:
         self.slots = [_Slot(i) for i in range(count)]
+        #: Called once if no worker could be started at all (see `worker_exited`).
+        self.on_fatal = on_fatal
+        #: Whether any worker has become ready since the service started.
+        self.served = False
         self.launcher = launcher
         self.clock = clock
         self.drain_timeout = drain_timeout
@@ -262,13 +283,17 @@ class WorkerSupervisor(Service):
         self._give_up: IDelayedCall | None = None
         #: Publications not yet acknowledged by every worker.
         self._pending: set[Deferred[Any]] = set()
+        #: The scrapes waiting for the metrics collection under way (None: none is).
+        self._collecting: list[Deferred[dict[str, str]]] | None = None
 
     # Processes.
 
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        self.served = False
         for slot in self.slots:
+            slot.first_failure = None
             self._launch(slot)
 
     def _launch(self, slot: _Slot) -> None:
@@ -278,6 +303,8 @@ class WorkerSupervisor(Service):
         try:
             slot.handle = self.launcher.launch(slot.index, self)
         except OSError as exc:  # e.g. out of file descriptors or processes: try again later
+            if self._failed_before_ready(slot, f"worker {slot.index} cannot be started: {exc}"):
+                return
             slot.crashes += 1
             delay = self.backoff.delay(slot.crashes)
             log.error(
@@ -310,9 +337,10 @@ class WorkerSupervisor(Service):
         def replayed(results: list[tuple[bool, Any]]) -> None:
             started, answer = results[0]
             if started and answer["ok"]:
+                self.served = True
                 log.info("worker {worker} ready (pid {pid})", worker=index, pid=handle.pid)
 
-        return DeferredList(calls).addCallback(replayed)
+        return DeferredList(calls, consumeErrors=True).addCallback(replayed)
 
     def worker_exited(
         self, index: int, handle: Handle, code: int | None, signal_name: str | None
@@ -321,12 +349,19 @@ class WorkerSupervisor(Service):
         slot = self.slots[index]
         if slot.handle is not handle:
             return
+        was_ready = slot.control is not None
         slot.handle = None
         slot.control = None
         how = _describe_exit(code, signal_name)
         if self._stopping:
             log.info("worker {worker} (pid {pid}) {how}", worker=index, pid=handle.pid, how=how)
             self._check_stopped()
+            return
+        words = list(getattr(handle, "last_words", ()))
+        why = f"worker {index} {how} before it was ready" + (
+            f": {'; '.join(words)}" if words else ""
+        )
+        if not was_ready and self._failed_before_ready(slot, why):
             return
         if self.clock.seconds() - slot.started >= self.backoff.reset_after:
             slot.crashes = 0
@@ -342,6 +377,30 @@ class WorkerSupervisor(Service):
             delay=delay,
         )
         slot.restart = self.clock.callLater(delay, self._launch, slot)
+
+    def _failed_before_ready(self, slot: _Slot, why: str) -> bool:
+        """Note that ``slot``'s worker failed before it was ready; once every
+        slot's did and none was ever ready since the start, no worker can
+        serve (an interpreter the user cannot run, a file it cannot read):
+        give up like a single process refusing to start.  True if given up."""
+        if self.served or self._stopping:
+            return False
+        if slot.first_failure is None:
+            slot.first_failure = why
+        if any(s.first_failure is None for s in self.slots):
+            return False
+        message = "no worker could start: " + " | ".join(
+            s.first_failure for s in self.slots if s.first_failure
+        )
+        log.critical("{message}", message=message)
+        self._stopping = True  # no more restarts
+        for other in self.slots:
+            if other.restart is not None and other.restart.active():
+                other.restart.cancel()
+            other.restart = None
+        if self.on_fatal is not None:
+            self.on_fatal(message)
+        return True
 
     def pids(self) -> list[int]:
         """The process ids of the running workers."""
@@ -495,25 +554,64 @@ class WorkerSupervisor(Service):
     def collect_metrics(self) -> Deferred[dict[str, str]]:
         """Every ready worker's Prometheus exposition, by worker index (as text).
 
-        A worker that does not answer in time is left out (and logged).
+        Answers within `METRICS_DEADLINE` seconds with the workers that replied
+        by then (the others are logged), so one hung worker cannot make every
+        scrape time out.  Scrapes arriving while a collection is under way share
+        it: each worker keeps one metrics snapshot, which a second collection
+        would replace in the middle of the first one's paging.
         """
+        scrape: Deferred[dict[str, str]] = Deferred()
+        if self._collecting is not None:
+            self._collecting.append(scrape)
+        else:
+            self._collecting = [scrape]
+            self._collect(self._collecting)
+        return scrape
+
+    def _collect(self, waiting: list[Deferred[dict[str, str]]]) -> None:
+        """Run one collection for the scrapes in ``waiting`` (more may join it)."""
         slots = [s for s in self.slots if s.control is not None]
-        calls = [Deferred.fromCoroutine(self._metrics_of(s)) for s in slots]
+        out: dict[str, str] = {}
+        remaining = {s.index for s in slots}
 
-        def gather(results: list[tuple[bool, Any]]) -> dict[str, str]:
-            out: dict[str, str] = {}
-            for slot, (ok, value) in zip(slots, results, strict=True):
-                if ok:
-                    out[str(slot.index)] = value
-                else:
-                    log.warn(
-                        "worker {worker}: no metrics: {error}",
-                        worker=slot.index,
-                        error=value.getErrorMessage(),
-                    )
-            return out
+        def done() -> None:
+            if self._collecting is not waiting:
+                return  # answered already
+            self._collecting = None
+            if deadline.active():
+                deadline.cancel()
+            for index in sorted(remaining):
+                log.warn(
+                    "worker {worker}: no metrics within {seconds:g} s; left out of this scrape",
+                    worker=index,
+                    seconds=METRICS_DEADLINE,
+                )
+            for scrape in waiting:
+                scrape.callback(dict(out))
 
-        return DeferredList(calls).addCallback(gather)
+        def got(text: str, slot: _Slot) -> None:
+            out[str(slot.index)] = text
+            remaining.discard(slot.index)
+            if not remaining:
+                done()
+
+        def failed(failure: Failure, slot: _Slot) -> None:
+            if self._collecting is waiting:
+                remaining.discard(slot.index)
+                log.warn(
+                    "worker {worker}: no metrics: {error}",
+                    worker=slot.index,
+                    error=failure.getErrorMessage(),
+                )
+                if not remaining:
+                    done()
+
+        deadline = self.clock.callLater(METRICS_DEADLINE, done)
+        for slot in slots:
+            d = Deferred.fromCoroutine(self._metrics_of(slot))
+            d.addCallbacks(got, failed, callbackArgs=(slot,), errbackArgs=(slot,))
+        if not remaining:
+            done()  # no worker ready: the parent's own metrics only
 
     async def _metrics_of(self, slot: _Slot) -> str:
         answer = await self._call(slot, control.MetricsPage, snapshot=0, offset=0)
@@ -558,11 +656,13 @@ class _ControlFactory(Factory):
         return self.protocol_instance
 
 
-def reemit(line: bytes, index: int) -> None:
+def reemit(line: bytes, index: int) -> dict[str, Any] | None:
     """Publish one JSON log event of worker ``index`` in this process's log.
 
     The event keeps its own fields and format (it is formatted once, by this
     process's observers) and gains ``worker`` and a ``log_system`` naming it.
+
+    :return: the event (None: the line was not one, and was logged as text).
     """
     try:
         event = eventFromJSON(line.decode("utf-8"))
@@ -570,10 +670,11 @@ def reemit(line: bytes, index: int) -> None:
         event = None
     if not isinstance(event, dict):
         log.info("worker {worker}: {line}", worker=index, line=line.decode("utf-8", "replace"))
-        return
+        return None
     event["worker"] = index
     event["log_system"] = f"worker-{index}"
     globalLogPublisher(event)
+    return event
 
 
 class WorkerProcess(ProcessProtocol):
@@ -584,6 +685,8 @@ class WorkerProcess(ProcessProtocol):
         self.index = index
         self.pid: int | None = None
         self._partial: dict[int, bytes] = {}
+        #: Its last errors (logged at error level or above, or on stderr).
+        self.last_words: list[str] = []
 
     def signal(self, name: str) -> None:
         if self.transport is None:
@@ -610,13 +713,20 @@ class WorkerProcess(ProcessProtocol):
         if not line.strip():
             return
         if fd == LOG_FD:
-            reemit(line, self.index)
+            event = reemit(line, self.index)
+            level = event.get("log_level") if event is not None else None
+            if event is not None and level is not None and level >= LogLevel.error:
+                self._remember(formatEvent(event))
         else:
+            self._remember(line.decode("utf-8", "replace").strip())
             log.warn(
                 "worker {worker} stderr: {line}",
                 worker=self.index,
                 line=line.decode("utf-8", "replace"),
             )
+
+    def _remember(self, text: str) -> None:
+        self.last_words = [*self.last_words, text][-LAST_WORDS:]
 
     def processEnded(self, reason: Failure) -> None:
         for fd, rest in list(self._partial.items()):
@@ -719,22 +829,26 @@ class MergedMetricsResource(Resource):
         self.collect = collect
 
     def render_GET(self, request: Any) -> Any:
+        gone: list[bool] = []  # the scraper disconnected (or the request finished)
+
         def answer(workers: dict[str, str]) -> None:
             own = generate_latest(self.metrics.registry).decode("utf-8")
             body = merge_expositions(own, workers)
+            if gone:
+                return
             request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
             request.write(body)
             request.finish()
 
         def failed(failure: Failure) -> None:
             log.failure("metrics: cannot merge the workers' metrics", failure)
+            if gone:
+                return
             request.setResponseCode(500)
             request.finish()
 
-        finished = request.notifyFinish()
-        finished.addErrback(lambda _: None)
-        d = self.collect().addCallback(answer)
-        d.addErrback(failed)
+        request.notifyFinish().addBoth(lambda _: gone.append(True))
+        self.collect().addCallback(answer).addErrback(failed)
         return NOT_DONE_YET
 
 
@@ -784,6 +898,21 @@ class _Signals(Service):
             self.access_log.stop()
 
 
+def _exit_status_at_exit(status: int) -> None:
+    """Make this process exit with ``status`` once twistd has cleaned up (its pid
+    file removed, its log closed): twistd itself always exits with 0 after a
+    clean reactor stop."""
+
+    def exit_now() -> None:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            with contextlib.suppress(Exception):
+                if stream is not None:
+                    stream.flush()
+        os._exit(status)
+
+    atexit.register(exit_now)
+
+
 def build_supervisor(
     config: Config, reactor: Any, *, foreground: bool, config_path: str
 ) -> MultiService:
@@ -823,6 +952,19 @@ def build_supervisor(
             Snapshot(current.config.source, served["text"], current.certificates)
         )
 
+    def fatal(message: str) -> None:
+        # As a single process refusing to start: the reason on the terminal, and
+        # a non-zero exit status for systemd, docker and scripts.
+        if foreground:
+            print(f"tlsproxy: {message}", file=sys.__stderr__, flush=True)
+        _exit_status_at_exit(1)
+
+        def stop() -> None:
+            with contextlib.suppress(ReactorNotRunning):
+                reactor.stop()
+
+        reactor.callWhenRunning(stop)  # now, or once running (a failed first spawn)
+
     supervisor = WorkerSupervisor(
         config.workers,
         SpawnLauncher(
@@ -835,6 +977,7 @@ def build_supervisor(
         snapshot=snapshot,
         tokens=tokens,
         certificates=certificates,
+        on_fatal=fatal,
     )
 
     def reload() -> bool:

@@ -3,6 +3,12 @@
 One job: put the lines :mod:`tlsproxy.accesslog` formats into a file (or
 standard output) cheaply, and let logrotate move the file away.
 
+Several processes (``workers: N``) may share one access log.  Appends to a
+regular file are atomic per ``write()``, so whole buffers go out at once; to a
+pipe (``path: "-"`` under Docker or systemd) only writes of at most
+``PIPE_BUF`` bytes are, so there lines go out in chunks of at most that size,
+each ending on a line boundary (a longer line is written alone).
+
 It must not: format lines (``accesslog`` does), flush or sync per line (the
 buffer is flushed every ``flush_interval`` seconds and on stop), or take
 SIGUSR1 away from twistd, which rotates its own log file on it: the previous
@@ -13,6 +19,8 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
+from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
 from twisted.internet.task import LoopingCall
@@ -20,12 +28,30 @@ from twisted.logger import Logger
 
 from tlsproxy.accesslog import Entry, formatter
 
-__all__ = ["AccessLogWriter"]
+__all__ = ["PIPE_BUF", "AccessLogWriter", "line_chunks"]
 
 log = Logger()
 
 #: Bytes buffered before a write reaches the file (besides the flush timer).
 BUFFER = 64 * 1024
+#: The largest write to a pipe POSIX guarantees not to interleave with other
+#: writers' (Linux: 4096).
+PIPE_BUF = 4096
+
+
+def line_chunks(lines: Sequence[bytes], limit: int = PIPE_BUF) -> Iterator[bytes]:
+    """Join whole ``lines`` into chunks of at most ``limit`` bytes, in order; a
+    line longer than ``limit`` is a chunk of its own."""
+    chunk: list[bytes] = []
+    size = 0
+    for line in lines:
+        if chunk and size + len(line) > limit:
+            yield b"".join(chunk)
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line)
+    if chunk:
+        yield b"".join(chunk)
 
 
 class AccessLogWriter:
@@ -45,6 +71,11 @@ class AccessLogWriter:
         self._timer: LoopingCall | None = None
         self._previous_usr1: Any = None
         self._write_failed = False
+        #: Not a regular file (a pipe, a terminal): lines kept here and written
+        #: in `line_chunks`, never through ``_file``'s own buffer.
+        self._chunked = False
+        self._pending: list[bytes] = []
+        self._pending_size = 0
 
     def open(self, fd: int | None = None) -> None:
         """Open (or create) the file for appending.
@@ -55,12 +86,15 @@ class AccessLogWriter:
         :raises OSError: if it cannot be.
         """
         if fd is not None:
-            self._file = open(fd, "a", buffering=BUFFER, encoding="utf-8")  # noqa: SIM115
+            f = open(fd, "a", buffering=BUFFER, encoding="utf-8")  # noqa: SIM115
         elif self.path == "-":
             # Not sys.stdout: twistd redirects that into its own log.
-            self._file = open(os.dup(1), "a", buffering=BUFFER, encoding="utf-8")  # noqa: SIM115
+            f = open(os.dup(1), "a", buffering=BUFFER, encoding="utf-8")  # noqa: SIM115
         else:
-            self._file = open(self.path, "a", buffering=BUFFER, encoding="utf-8")  # noqa: SIM115
+            f = open(self.path, "a", buffering=BUFFER, encoding="utf-8")  # noqa: SIM115
+        self._write_pending()  # what is left for the file open before
+        self._file = f
+        self._chunked = not stat.S_ISREG(os.fstat(f.fileno()).st_mode)
 
     def fileno(self) -> int | None:
         """The open file's descriptor (None: not open), e.g. to hand to worker processes."""
@@ -69,17 +103,43 @@ class AccessLogWriter:
 
     def __call__(self, entry: Entry) -> None:
         f = self._file
-        if f is not None:
-            try:
-                f.write(self._format(entry))
-            except OSError as exc:  # a full disk must not stop the proxy
-                if not self._write_failed:
-                    self._write_failed = True
-                    log.error(
-                        "access log {path}: cannot write: {error} (reported once)",
-                        path=self.path,
-                        error=exc,
-                    )
+        if f is None:
+            return
+        if self._chunked:
+            line = self._format(entry).encode("utf-8")
+            self._pending.append(line)
+            self._pending_size += len(line)
+            if self._pending_size >= BUFFER:
+                self._write_pending()
+            return
+        try:
+            f.write(self._format(entry))
+        except OSError as exc:  # a full disk must not stop the proxy
+            self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        if not self._write_failed:
+            self._write_failed = True
+            log.error(
+                "access log {path}: cannot write: {error} (reported once)",
+                path=self.path,
+                error=exc,
+            )
+
+    def _write_pending(self) -> None:
+        """Write the lines kept for a pipe, each chunk in one ``write()``."""
+        pending, self._pending, self._pending_size = self._pending, [], 0
+        f = self._file
+        if f is None or not pending:
+            return
+        fd = f.fileno()
+        try:
+            for chunk in line_chunks(pending):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+        except OSError as exc:
+            self._failed(exc)
 
     def start(self) -> None:
         """Flush on a timer and reopen on SIGUSR1."""
@@ -97,29 +157,41 @@ class AccessLogWriter:
 
     def flush(self) -> None:
         f = self._file
-        if f is not None:
+        if self._chunked:
+            self._write_pending()
+        elif f is not None:
             try:
                 f.flush()
             except OSError as exc:
                 log.error("access log {path}: cannot write: {error}", path=self.path, error=exc)
 
     def reopen(self) -> None:
-        """Close the file and open ``path`` again (after logrotate moved it)."""
+        """Open ``path`` again (after logrotate moved it), then close the old file.
+
+        If the new file cannot be opened the old one is kept (and the error
+        logged): lines keep going somewhere, and a supervisor keeps a valid
+        descriptor to hand to the workers it starts.
+        """
         if self.path == "-":
             self.flush()
             return
-        old, self._file = self._file, None
+        old = self._file
+        try:
+            self.open()
+        except OSError as exc:
+            self._file = old
+            log.error(
+                "access log {path}: cannot reopen: {error}; still writing to the file open before",
+                path=self.path,
+                error=exc,
+            )
+            return
         if old is not None:
             try:
                 old.close()
             except OSError as exc:
                 log.error("access log {path}: cannot write: {error}", path=self.path, error=exc)
-        try:
-            self.open()
-        except OSError as exc:
-            log.error("access log {path}: cannot reopen: {error}", path=self.path, error=exc)
-        else:
-            log.info("access log {path} reopened", path=self.path)
+        log.info("access log {path} reopened", path=self.path)
 
     def stop(self) -> None:
         """Flush and close; restore the previous SIGUSR1 handler."""
@@ -129,6 +201,7 @@ class AccessLogWriter:
         if self._previous_usr1 is not None:
             signal.signal(signal.SIGUSR1, self._previous_usr1)
             self._previous_usr1 = None
+        self._write_pending()
         f, self._file = self._file, None
         if f is not None:
             try:

@@ -13,7 +13,9 @@ It serves exactly what the supervisor checked: the configuration text and the
 loaded certificates come over the control channel, so it never re-reads the
 configuration or certificate files, and the access log is the descriptor the
 supervisor opened (other files a configuration names, such as
-client-certificate CAs, it reads itself, as the user tlsproxy runs as).
+client-certificate CAs, it reads itself, as the user tlsproxy runs as).  Handed
+no access-log descriptor, it opens the path itself and, if it cannot, serves
+without one (logged) rather than refusing to start.
 
 Start-up order: say Ready; receive the snapshot and build the engines from
 it; receive the current ACME challenges; once Ready is answered, adopt the
@@ -49,8 +51,10 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from tlsproxy import control
+from tlsproxy.config import AccessLogSettings
+from tlsproxy.telemetry import AccessLogWriter
 
-__all__ = ["WorkerControl", "main"]
+__all__ = ["WorkerControl", "main", "own_access_log"]
 
 log = Logger()
 
@@ -173,6 +177,28 @@ class WorkerControl(amp.AMP):
             lost()
 
 
+def own_access_log(settings: AccessLogSettings, clock: Any, index: int) -> AccessLogWriter:
+    """The access log of a worker its supervisor handed no descriptor (it had
+    none open to give): opened here, by path, as the user tlsproxy runs as.
+
+    A file that cannot be opened is logged, not fatal: the worker serves
+    without writing lines until a SIGUSR1 reopen succeeds, instead of
+    crash-looping on every restart.
+    """
+    writer = AccessLogWriter(settings.path, settings.format, clock)
+    try:
+        writer.open()
+    except OSError as exc:
+        log.error(
+            "worker {worker}: access log {path}: cannot open: {error}; this worker writes "
+            "no access log until SIGUSR1 reopens it",
+            worker=index,
+            path=settings.path,
+            error=exc,
+        )
+    return writer
+
+
 class AdoptedListener(Service):
     """Serves ``factory`` on an inherited listening socket from start to stop."""
 
@@ -270,8 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         """Build the engines for what the supervisor checked (files it read are not re-read)."""
         try:
             config = parse_yaml(snapshot.text, snapshot.source)
+            checked = config
+            if args.access_log_fd is None and config.access_log is not None:
+                # No descriptor from the supervisor: opened below, never fatal.
+                checked = attrs.evolve(config, access_log=None)
             parts = check_start(
-                config,
+                checked,
                 reactor,
                 endpoints=False,
                 acme=False,
@@ -280,6 +310,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         except ConfigError as exc:
             return fail([problem.render(exc.source) for problem in exc.problems])
+        if checked is not config and config.access_log is not None:
+            parts = attrs.evolve(
+                parts,
+                prepared=attrs.evolve(parts.prepared, config=config),
+                access_log=own_access_log(config.access_log, reactor, args.index),
+            )
         # The supervisor logged the start-up warnings once already.
         parts = attrs.evolve(parts, prepared=attrs.evolve(parts.prepared, warnings=()))
         http = any(kind == "http" for _, _, kind in args.listen)

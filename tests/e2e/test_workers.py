@@ -10,8 +10,10 @@ connection waits in the shared listen queue for the running one) and resume them
 from __future__ import annotations
 
 import contextlib
+import grp
 import http.client
 import os
+import pwd
 import signal
 import socket
 import ssl
@@ -601,3 +603,144 @@ def test_socket_activated_listeners_are_shared_by_the_workers(tmp_path: Path, ba
         proc.terminate()
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGTERM, log_path.read_text()
+
+
+def test_a_failed_access_log_reopen_does_not_keep_a_restarted_worker_down(
+    tmp_path: Path, backend: int
+) -> None:
+    """If SIGUSR1 after logrotate cannot open a new access log (the path is not writable),
+    the supervisor keeps the old file, so a worker that dies afterwards comes back and
+    serves (writing to that file) instead of failing to start over and over."""
+    log_path = tmp_path / "access.log"
+    s = Site(tmp_path, backend, access_log={"path": str(log_path)})
+    try:
+        log_path.rename(tmp_path / "access.log.1")
+        log_path.mkdir()  # the new file cannot be opened
+        s.proxy.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: "cannot reopen" in s.proxy.log, "the failed reopen logged", s.proxy)
+        victim, survivor = sorted(s.pids)
+        os.kill(victim, signal.SIGKILL)
+        new = ready_workers(s.proxy, 2, exclude=frozenset({victim})) - {survivor}
+        with only(next(iter(new)), {survivor, *new}):
+            assert s.get("/from-the-new-worker")[0] == 200
+        wait_for(
+            lambda: "/from-the-new-worker" in (tmp_path / "access.log.1").read_text(),
+            "the new worker's line in the file open before",
+            s.proxy,
+        )
+        assert "cannot start" not in s.proxy.log
+    finally:
+        s.proxy.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running workers as nobody needs root")
+def test_when_no_worker_can_start_tlsproxy_exits_with_the_reason(
+    tmp_path: Path, backend: int
+) -> None:
+    """With ``twistd -u nobody``, workers that cannot start (nobody may not run the
+    interpreter, or read the ``backend_tls`` CA every worker opens itself) make tlsproxy
+    exit non-zero within seconds saying why, rather than keeping its port bound while
+    clients hang."""
+    nobody, nogroup = pwd.getpwnam("nobody"), grp.getgrnam("nogroup")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    ca = pki.make_ca()
+    ca_file = pki.write_ca_file(private, ca)
+    pem = pki.write_combined(tmp_path, ca.issue([NAME]))
+    port = free_port()
+    config = {
+        "listen": {"https": [f"tcp:{port}:interface=127.0.0.1"]},
+        "workers": 2,
+        "hosts": {
+            NAME: {
+                "backend": f"https://127.0.0.1:{backend}",
+                "backend_tls": {"ca": str(ca_file)},
+                "certificates": [str(pem)],
+            }
+        },
+    }
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with open(tmp_path / "tlsproxy.log", "wb") as output:
+        proc = subprocess.Popen(
+            twistd_command(
+                "-n",
+                "--pidfile=",
+                f"--uid={nobody.pw_uid}",
+                f"--gid={nogroup.gr_gid}",
+                "tlsproxy",
+                "--config",
+                str(path),
+            ),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+            code = None
+    log = (tmp_path / "tlsproxy.log").read_text(errors="replace")
+    assert code not in (0, None), log
+    assert "tlsproxy: no worker could start: worker 0 " in log, log
+    assert "Permission denied" in log, log
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass
+
+
+def test_workers_sharing_a_pipe_as_access_log_never_tear_a_line() -> None:
+    """With ``access_log: {path: "-"}`` under Docker or systemd, standard output is a pipe
+    the workers share: their lines arrive whole, never two of them mixed into one (writes
+    to a pipe are atomic only up to 4096 bytes, so lines go out in such chunks)."""
+    import fcntl
+    import json
+
+    from twisted.internet.task import Clock
+
+    from tlsproxy.accesslog import Entry
+    from tlsproxy.telemetry import AccessLogWriter
+
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, 1031, 4096)  # F_SETPIPE_SZ: a full pipe makes big writes split
+    writers, lines = 4, 3000
+    children = []
+    for k in range(writers):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            status = 1
+            try:
+                os.close(read_end)
+                writer = AccessLogWriter("-", "json", Clock())
+                writer.open(os.dup(write_end))  # as a worker: its supervisor's descriptor
+                for i in range(lines):
+                    target = f"/{k}/{i}/".encode() + b"x" * (200 + i % 3000)  # lines up to ~3.5 KB
+                    writer(
+                        Entry(
+                            time=1.7e9, client="192.0.2.1", method=b"GET", target=target,
+                            protocol="HTTP/1.1", host=b"example.com", status=200,
+                            bytes_sent=i, duration=0.001,
+                        )
+                    )  # fmt: skip
+                writer.stop()
+                status = 0
+            finally:
+                os._exit(status)
+        children.append(pid)
+    os.close(write_end)
+    data = bytearray()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        chunk = os.read(read_end, 65536)
+        if not chunk:
+            break
+        data += chunk
+    os.close(read_end)
+    statuses = [os.waitpid(pid, 0)[1] for pid in children]
+    assert statuses == [0] * writers
+    received = [json.loads(line) for line in bytes(data).splitlines()]
+    assert len(received) == writers * lines
+    assert sorted((r["target"].split("/")[1], r["bytes_sent"]) for r in received) == sorted(
+        (str(k), i) for k in range(writers) for i in range(lines)
+    )
