@@ -5,8 +5,10 @@ Everything binds to loopback only, and every wait here is bounded.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -65,6 +67,29 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: floa
 def twistd_command(*args: str) -> list[str]:
     """The ``twistd`` script installed beside this interpreter, with ``args``."""
     return [str(Path(sys.executable).parent / "twistd"), *args]
+
+
+def start_as_nobody(config: Mapping[str, Any], directory: Path) -> subprocess.Popen[bytes]:
+    """Start ``twistd -n -u nobody -g nogroup tlsproxy`` (run as root) with ``config``
+    written to ``directory/proxy.yaml``; its output goes to ``directory/tlsproxy.log``."""
+    nobody, nogroup = pwd.getpwnam("nobody"), grp.getgrnam("nogroup")
+    path = directory / "proxy.yaml"
+    path.write_text(yaml.safe_dump(dict(config)))
+    with open(directory / "tlsproxy.log", "wb") as output:  # the child keeps its own copy
+        return subprocess.Popen(
+            twistd_command(
+                "-n",
+                "--pidfile=",
+                f"--uid={nobody.pw_uid}",
+                f"--gid={nogroup.gr_gid}",
+                "tlsproxy",
+                "--config",
+                str(path),
+            ),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+        )
 
 
 class TlsproxyProcess:

@@ -22,11 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from cryptography import x509
 
 from tests import pki
-from tests.e2e.harness import free_port, start_tlsproxy, twistd_command, wait_for_port
+from tests.e2e.harness import (
+    free_port,
+    start_as_nobody,
+    start_tlsproxy,
+    wait_for_port,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -338,23 +342,7 @@ def test_privileges_dropped_after_binding(tmp_path: Path, backend: Any, certs: A
     log = tmp_path / "access.log"
     config = _config(certs, backend.server_address[1], access_log={"path": str(log)})
     config["listen"] = {"https": [f"tcp:{port}:interface=127.0.0.1"]}
-    path = tmp_path / "proxy.yaml"
-    path.write_text(yaml.safe_dump(config))
-    output = open(tmp_path / "tlsproxy.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        twistd_command(
-            "-n",
-            "--pidfile=",
-            f"--uid={nobody.pw_uid}",
-            f"--gid={nogroup.gr_gid}",
-            "tlsproxy",
-            "--config",
-            str(path),
-        ),
-        stdout=output,
-        stderr=subprocess.STDOUT,
-        cwd=tmp_path,
-    )
+    proc = start_as_nobody(config, tmp_path)
     try:
         wait_for_port(port, proc)
         assert get(port, certs[1], "/as-nobody").endswith(b"done /as-nobody\n")
@@ -372,4 +360,3 @@ def test_privileges_dropped_after_binding(tmp_path: Path, backend: Any, certs: A
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-        output.close()

@@ -10,10 +10,8 @@ connection waits in the shared listen queue for the running one) and resume them
 from __future__ import annotations
 
 import contextlib
-import grp
 import http.client
 import os
-import pwd
 import signal
 import socket
 import ssl
@@ -36,6 +34,7 @@ from tests.e2e.harness import (
     TlsproxyProcess,
     free_port,
     need_tool,
+    start_as_nobody,
     start_tlsproxy,
     twistd_command,
 )
@@ -641,7 +640,6 @@ def test_when_no_worker_can_start_tlsproxy_exits_with_the_reason(
     interpreter, or read the ``backend_tls`` CA every worker opens itself) make tlsproxy
     exit non-zero within seconds saying why, rather than keeping its port bound while
     clients hang."""
-    nobody, nogroup = pwd.getpwnam("nobody"), grp.getgrnam("nogroup")
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
     ca = pki.make_ca()
@@ -659,29 +657,13 @@ def test_when_no_worker_can_start_tlsproxy_exits_with_the_reason(
             }
         },
     }
-    path = tmp_path / "proxy.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with open(tmp_path / "tlsproxy.log", "wb") as output:
-        proc = subprocess.Popen(
-            twistd_command(
-                "-n",
-                "--pidfile=",
-                f"--uid={nobody.pw_uid}",
-                f"--gid={nogroup.gr_gid}",
-                "tlsproxy",
-                "--config",
-                str(path),
-            ),
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,
-        )
-        try:
-            code = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-            code = None
+    proc = start_as_nobody(config, tmp_path)
+    try:
+        code = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        code = None
     log = (tmp_path / "tlsproxy.log").read_text(errors="replace")
     assert code not in (0, None), log
     assert "tlsproxy: no worker could start: worker 0 " in log, log
