@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from tlsproxy.eager import adopt_port, eager_endpoint
+from tlsproxy.eager import eager_endpoint
 from tlsproxy.errors import Problem
 
 log = Logger()
@@ -132,14 +132,3 @@ class ListeningService(Service):
             port, self.port = self.port, None
             return port.stopListening()  # type: ignore[return-value]
         return None
-
-
-def adopt_listening(
-    reactor: Any, fd: int, family: int, factory: IProtocolFactory
-) -> IListeningPort:
-    """Serve ``factory`` on the listening socket ``fd`` (bound by another process,
-    e.g. the parent of a worker), which keeps its own copy of ``fd``.
-
-    TCP sockets get `tlsproxy.eager.EagerPort` (transports that send at once).
-    """
-    return adopt_port(reactor, fd, family, factory)

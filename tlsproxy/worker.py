@@ -52,6 +52,7 @@ from twisted.python.failure import Failure
 
 from tlsproxy import control
 from tlsproxy.config import AccessLogSettings
+from tlsproxy.eager import adopt_port
 from tlsproxy.telemetry import AccessLogWriter
 
 __all__ = ["WorkerControl", "main", "own_access_log"]
@@ -210,10 +211,8 @@ class AdoptedListener(Service):
         self.port: IListeningPort | None = None
 
     def startService(self) -> None:
-        from tlsproxy.listeners import adopt_listening
-
         super().startService()
-        self.port = adopt_listening(self.reactor, self.fd, self.family, self.factory)
+        self.port = adopt_port(self.reactor, self.fd, self.family, self.factory)
         os.close(self.fd)  # the port holds its own copy
 
     def stopService(self) -> Deferred[None] | None:

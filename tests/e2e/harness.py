@@ -5,6 +5,7 @@ Everything binds to loopback only, and every wait here is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,24 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def wait_for(
+    condition: Callable[[], Any],
+    what: str,
+    timeout: float = 15.0,
+    details: Callable[[], str] | None = None,
+) -> Any:
+    """Poll ``condition`` every 50 ms for at most ``timeout`` seconds; its first truthy
+    value.  On timeout the assertion names ``what`` and adds ``details()`` (a log)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    extra = f"\n{details()}" if details is not None else ""
+    raise AssertionError(f"timed out waiting for {what}{extra}")
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 20.0) -> None:
@@ -90,6 +109,34 @@ def start_as_nobody(config: Mapping[str, Any], directory: Path) -> subprocess.Po
             stderr=subprocess.STDOUT,
             cwd=directory,
         )
+
+
+def start_socket_activated(
+    config: Mapping[str, Any], directory: Path
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start tlsproxy the way ``tlsproxy.socket`` does: ``systemd-socket-activate`` binds
+    a free loopback port and launches ``twistd -n tlsproxy`` at the first connection,
+    passing the socket as fd 3.  ``config`` is written to ``directory/proxy.yaml``
+    (its ``listen`` should name ``systemd:domain=INET:index=0``); the output goes to
+    ``directory/tlsproxy.log``.
+
+    :return: the ``systemd-socket-activate`` process (twistd replaces it) and the port.
+    """
+    activate = need_tool("systemd-socket-activate")
+    path = directory / "proxy.yaml"
+    path.write_text(yaml.safe_dump(dict(config)))
+    port = free_port()
+    twistd = twistd_command("-n", "--pidfile=", "tlsproxy", "--config", str(path))
+    with open(directory / "tlsproxy.log", "wb") as log:  # the child keeps its own copy
+        proc = subprocess.Popen(
+            # --fdname: systemd always sets LISTEN_FDNAMES (default: the socket unit's
+            # name), and Twisted ignores inherited descriptors without it.
+            [activate, "--listen", f"127.0.0.1:{port}", "--fdname=tlsproxy.socket", *twistd],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+        )
+    return proc, port
 
 
 class TlsproxyProcess:
@@ -203,3 +250,39 @@ def echo_backend() -> Iterator[int]:
     yield server.server_address[1]
     server.shutdown()
     server.server_close()
+
+
+class SlowHandler(BaseHTTPRequestHandler):
+    """Answers ``/slow/<seconds>`` after that long (setting the server's ``arrived``
+    first), anything else at once, with ``done <path>``."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/slow/"):
+            self.server.arrived.set()  # type: ignore[attr-defined]
+            time.sleep(float(self.path.rsplit("/", 1)[1]))
+        body = f"done {self.path}\n".encode()
+        self.send_response(200)
+        self.send_header("content-type", "text/plain")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def slow_backend() -> Iterator[ThreadingHTTPServer]:
+    """A plain-HTTP `SlowHandler` backend on 127.0.0.1 (``server.arrived`` is set when
+    a slow request comes in)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowHandler)
+    server.daemon_threads = True
+    server.arrived = threading.Event()  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()

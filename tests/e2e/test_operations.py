@@ -16,8 +16,8 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,10 @@ from cryptography import x509
 from tests import pki
 from tests.e2e.harness import (
     free_port,
+    slow_backend,
     start_as_nobody,
     start_tlsproxy,
+    wait_for,
     wait_for_port,
 )
 
@@ -40,38 +42,10 @@ STOPPED = -signal.SIGTERM
 SECRETS = ("sessionid=s3cr3t-cookie", "Basic dXNlcjpwYXNzd29yZA==", "s3cr3t-cookie", "dXNlcjpw")
 
 
-class SlowHandler(BaseHTTPRequestHandler):
-    """Answers ``/slow/<seconds>`` after that long (announcing arrival), anything else at once."""
-
-    protocol_version = "HTTP/1.1"
-    arrived: threading.Event
-
-    def do_GET(self) -> None:
-        delay = 0.0
-        if self.path.startswith("/slow/"):
-            delay = float(self.path.rsplit("/", 1)[1])
-            self.server.arrived.set()  # type: ignore[attr-defined]
-            time.sleep(delay)
-        body = f"done {self.path}\n".encode()
-        self.send_response(200)
-        self.send_header("content-type", "text/plain")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def backend() -> Iterator[ThreadingHTTPServer]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowHandler)
-    server.daemon_threads = True
-    server.arrived = threading.Event()  # type: ignore[attr-defined]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with slow_backend() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -104,16 +78,6 @@ def get(
         while chunk := tls.recv(65536):
             out += chunk
         return out
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def lines(path: Path, count: int) -> list[str]:

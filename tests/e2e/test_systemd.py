@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests import pki
-from tests.e2e.harness import ROOT, free_port, need_tool, twistd_command
+from tests.e2e.harness import ROOT, need_tool, start_socket_activated
 
 pytestmark = pytest.mark.e2e
 
@@ -120,36 +119,20 @@ def test_socket_activation_through_a_systemd_endpoint(tmp_path: Path, echo_backe
     passed as fd 3 with LISTEN_FDS=1 and LISTEN_PID, the process launched by the first
     connection — tlsproxy serves HTTPS on a `systemd:domain=INET:index=0` listener, and that
     first connection is answered, not refused."""
-    activate = need_tool("systemd-socket-activate")
     ca = pki.make_ca()
     certificate = pki.write_combined(tmp_path, ca.issue(["example.com"]))
     ca_file = pki.write_ca_file(tmp_path, ca)
-    config = tmp_path / "proxy.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "listen": {"https": ["systemd:domain=INET:index=0"]},
-                "hosts": {
-                    "example.com": {
-                        "certificates": [str(certificate)],
-                        "backend": f"http://127.0.0.1:{echo_backend}",
-                    }
-                },
+    config = {
+        "listen": {"https": ["systemd:domain=INET:index=0"]},
+        "hosts": {
+            "example.com": {
+                "certificates": [str(certificate)],
+                "backend": f"http://127.0.0.1:{echo_backend}",
             }
-        )
-    )
-    port = free_port()
+        },
+    }
+    proc, port = start_socket_activated(config, tmp_path)
     log_path = tmp_path / "tlsproxy.log"
-    twistd = twistd_command("-n", "--pidfile=", "tlsproxy", "--config", str(config))
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            # --fdname: systemd always sets LISTEN_FDNAMES (default: the socket unit's
-            # name), and Twisted ignores inherited descriptors without it.
-            [activate, "--listen", f"127.0.0.1:{port}", "--fdname=tlsproxy.socket", *twistd],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,
-        )
     try:
         deadline = time.monotonic() + 20
         raw: socket.socket | None = None

@@ -20,23 +20,23 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import pki
+from tests.e2e import harness
 from tests.e2e.harness import (
     TlsproxyProcess,
     free_port,
-    need_tool,
+    slow_backend,
     start_as_nobody,
+    start_socket_activated,
     start_tlsproxy,
-    twistd_command,
 )
 from tests.e2e.pebble import Pebble, Processes
 
@@ -87,14 +87,8 @@ def worker_pids(parent: int) -> set[int]:
 def wait_for(
     condition: Callable[[], Any], what: str, proxy: TlsproxyProcess, timeout: float = 20
 ) -> Any:
-    """Poll ``condition`` (bounded); its first truthy value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}\n--- tlsproxy log ---\n{proxy.log}")
+    """`tests.e2e.harness.wait_for`, showing ``proxy``'s log on timeout."""
+    return harness.wait_for(condition, what, timeout, lambda: f"--- tlsproxy log ---\n{proxy.log}")
 
 
 def ready_workers(
@@ -149,35 +143,15 @@ def https_get(
         conn.close()
 
 
-class SlowHandler(BaseHTTPRequestHandler):
-    """Answers ``/slow`` after a pause (signalling ``started`` first), anything else at once."""
-
-    protocol_version = "HTTP/1.1"
-    started = threading.Event()
-
-    def do_GET(self) -> None:
-        if self.path == "/slow":
-            type(self).started.set()
-            time.sleep(1.5)
-        body = f"pid-agnostic {self.path}".encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+@pytest.fixture
+def backend_server() -> Iterator[ThreadingHTTPServer]:
+    with slow_backend() as server:
+        yield server
 
 
 @pytest.fixture
-def backend() -> Iterator[int]:
-    SlowHandler.started = threading.Event()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+def backend(backend_server: ThreadingHTTPServer) -> int:
+    return backend_server.server_address[1]
 
 
 class Site:
@@ -249,7 +223,7 @@ def test_two_workers_each_serve_https_and_report_their_own_metrics(site: Site) -
         with only(pid, site.pids):
             for _ in range(2):
                 status, body, leaf = site.get(f"/from-{pid}")
-                assert (status, body) == (200, f"pid-agnostic /from-{pid}".encode())
+                assert (status, body) == (200, f"done /from-{pid}\n".encode())
                 assert leaf.serial_number == site.leaf.cert.serial_number
     families = site.metrics()
     handshakes = {
@@ -400,24 +374,26 @@ def test_sigusr1_to_the_parent_makes_every_worker_reopen_the_access_log(
         s.proxy.stop()
 
 
-def test_sigterm_lets_an_in_flight_request_finish_then_everything_exits(site: Site) -> None:
+def test_sigterm_lets_an_in_flight_request_finish_then_everything_exits(
+    site: Site, backend_server: ThreadingHTTPServer
+) -> None:
     """On SIGTERM to the parent the workers stop accepting but finish the request they are
     serving; then the workers and the parent exit cleanly."""
     results: list[Any] = []
 
     def slow() -> None:
         try:
-            results.append(site.get("/slow"))
+            results.append(site.get("/slow/1.5"))
         except Exception as exc:  # reported by the assertion below
             results.append(exc)
 
     thread = threading.Thread(target=slow)
     thread.start()
-    assert SlowHandler.started.wait(10)
+    assert backend_server.arrived.wait(10)  # type: ignore[attr-defined]
     site.proxy.proc.send_signal(signal.SIGTERM)
     thread.join(15)
     assert results and not isinstance(results[0], Exception), results
-    assert results[0][:2] == (200, b"pid-agnostic /slow")
+    assert results[0][:2] == (200, b"done /slow/1.5\n")
     # twistd re-raises the signal that stopped it once it shut down cleanly.
     assert site.proxy.proc.wait(timeout=15) == -signal.SIGTERM
     log = site.proxy.log
@@ -537,35 +513,21 @@ def test_built_in_acme_with_two_workers_serves_the_issued_certificate_from_each(
 def test_socket_activated_listeners_are_shared_by_the_workers(tmp_path: Path, backend: int) -> None:
     """Under systemd socket activation (the socket bound by systemd, passed as fd 3) the
     supervisor hands that socket to both workers, and each of them serves on it."""
-    activate = need_tool("systemd-socket-activate")
     ca = pki.make_ca()
     ca_file = pki.write_ca_file(tmp_path, ca)
     certificate = pki.write_combined(tmp_path, ca.issue([NAME]))
-    config = tmp_path / "proxy.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "workers": 2,
-                "listen": {"https": ["systemd:domain=INET:index=0"]},
-                "hosts": {
-                    NAME: {
-                        "certificates": [str(certificate)],
-                        "backend": f"http://127.0.0.1:{backend}",
-                    }
-                },
+    config = {
+        "workers": 2,
+        "listen": {"https": ["systemd:domain=INET:index=0"]},
+        "hosts": {
+            NAME: {
+                "certificates": [str(certificate)],
+                "backend": f"http://127.0.0.1:{backend}",
             }
-        )
-    )
-    port = free_port()
+        },
+    }
+    proc, port = start_socket_activated(config, tmp_path)
     log_path = tmp_path / "tlsproxy.log"
-    twistd = twistd_command("-n", "--pidfile=", "tlsproxy", "--config", str(config))
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(
-            [activate, "--listen", f"127.0.0.1:{port}", "--fdname=tlsproxy.socket", *twistd],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,
-        )
     try:
         # The first connection launches twistd (systemd-socket-activate execs it); only
         # systemd-socket-activate's own bind can race with it.
@@ -596,7 +558,7 @@ def test_socket_activated_listeners_are_shared_by_the_workers(tmp_path: Path, ba
             with only(pid, pids):
                 assert https_get(port, ca_file, f"/by-{pid}")[:2] == (
                     200,
-                    f"pid-agnostic /by-{pid}".encode(),
+                    f"done /by-{pid}\n".encode(),
                 )
     finally:
         proc.terminate()
