@@ -335,8 +335,7 @@ def test_failures_back_off_exponentially_and_recover(tmp_path: Path) -> None:
         rig.clock.advance(delays[-1])
     for n, delay in enumerate(delays[:6], start=1):
         base = min(3600, 60 * 2 ** (n - 1))
-        # the retry time is kept with whole-second precision
-        assert base / 2 - 1 <= delay <= base
+        assert base / 2 <= delay <= base
     assert all(d <= 3600 for d in delays)
     assert rig.applied == [1]  # only the ninth attempt succeeded
     assert rig.status().failures == 0 and rig.status().last_error is None

@@ -202,6 +202,9 @@ class _Slot:
     timer: IDelayedCall | None = None
     running: bool = False
     status: HostStatus = attrs.field(factory=HostStatus)
+    #: The retry time chosen after the last failure, exactly (the status keeps it
+    #: to the second, for the store and the ``certs`` command).
+    retry_at: datetime.datetime | None = None
 
 
 class AcmeService(Service):
@@ -278,8 +281,10 @@ class AcmeService(Service):
     def _plan(self, name: str) -> None:
         """Schedule the next look at ``name`` from its stored certificates and status."""
         slot = self.slots[name]
-        if slot.status.failures and slot.status.next_renewal:
-            when = _parse(slot.status.next_renewal)  # the back-off chosen after a failure
+        if slot.status.failures and slot.retry_at is not None:
+            when: datetime.datetime | None = slot.retry_at  # the back-off chosen after a failure
+        elif slot.status.failures and slot.status.next_renewal:
+            when = _parse(slot.status.next_renewal)  # as stored before a restart
         else:
             when = self._due(name)
         now = self._now()
@@ -353,7 +358,7 @@ class AcmeService(Service):
             delay = schedule.backoff(
                 failures, settings.retry_initial, settings.retry_max, retry_after=retry_after
             )
-            retry = self._now() + datetime.timedelta(seconds=delay)
+            slot.retry_at = retry = self._now() + datetime.timedelta(seconds=delay)
             error = str(exc) or type(exc).__name__
             slot.status = attrs.evolve(
                 slot.status, failures=failures, last_error=error, next_renewal=_iso(retry)
