@@ -22,7 +22,7 @@ from tlsproxy.clientauth import identity_block, load_client_auth, stripped_heade
 from tlsproxy.config import ClientAuth, parse_config
 from tlsproxy.errors import ConfigError
 from tlsproxy.routing import PlainRouter, Route, Router
-from tlsproxy.tls import build_server_contexts
+from tlsproxy.tls import SNIConnectionCreator, build_server_contexts
 
 
 def config(client_auth: object, **site: Any) -> dict[str, Any]:
@@ -242,15 +242,16 @@ def test_optional_site_drops_client_sent_identity_headers() -> None:
     assert seen.header(b"Accept") == b"*/*"
 
 
-def handshake(server_ctx: SSL.Context, sni: bytes | None, ca_file: Path) -> bool:
-    """A memory-BIO handshake of a certificate-less client; whether it completed."""
+def handshake(creator: SNIConnectionCreator, sni: bytes | None, ca_file: Path) -> bool:
+    """A memory-BIO handshake of a certificate-less client with a connection of
+    ``creator``; whether it completed."""
     client_ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     client_ctx.load_verify_locations(str(ca_file))
     client = SSL.Connection(client_ctx, None)
     client.set_connect_state()
     if sni is not None:
         client.set_tlsext_host_name(sni)
-    server = SSL.Connection(server_ctx, None)
+    server = creator.serverConnectionForTLS(None)
     server.set_accept_state()
     for _ in range(20):
         for conn in (client, server):
@@ -276,8 +277,8 @@ def handshake(server_ctx: SSL.Context, sni: bytes | None, ca_file: Path) -> bool
 
 
 def test_client_auth_default_host_does_not_affect_other_hosts(tmp_path: Path) -> None:
-    """With a client-auth host as the default (the context every connection starts
-    on), a client without a certificate still reaches the other hosts by SNI, and is
+    """With a client-auth host as the default (the host of connections without SNI),
+    a client without a certificate still reaches the other hosts by SNI, and is
     refused by the client-auth host, with SNI or without."""
     clients = pki.write_ca_file(tmp_path, pki.make_ca(fresh=True), "clients.pem")
     doc = site_doc(tmp_path, {"ca": str(clients)})
@@ -287,10 +288,11 @@ def test_client_auth_default_host_does_not_affect_other_hosts(tmp_path: Path) ->
     built, found = build_server_contexts(cfg, {k: [c for c in v if c] for k, v in certs.items()})
     assert built is not None, found
     server_ca = pki.write_ca_file(tmp_path, pki.make_ca(), "server-ca.pem")
-    assert handshake(built.default, b"www.test", server_ca)
-    assert handshake(built.default, b"other.test", server_ca)
-    assert not handshake(built.default, b"api.test", server_ca)
-    assert not handshake(built.default, None, server_ca)
+    creator = SNIConnectionCreator(built)
+    assert handshake(creator, b"www.test", server_ca)
+    assert handshake(creator, b"other.test", server_ca)
+    assert not handshake(creator, b"api.test", server_ca)
+    assert not handshake(creator, None, server_ca)
 
 
 def test_identity_headers_are_dropped_on_every_site(tmp_path: Path) -> None:

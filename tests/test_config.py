@@ -161,6 +161,7 @@ def test_tls_defaults_when_tls_section_is_absent() -> None:
         groups=None,
         dhparam=None,
         session_tickets=True,
+        session_ticket_rotation=43200.0,
     )
 
 
@@ -174,6 +175,7 @@ def test_every_tls_setting_decodes() -> None:
         groups=["X25519", "P-256"],
         dhparam="/etc/tlsproxy/dhparam.pem",
         session_tickets=False,
+        session_ticket_rotation=3600,
     )
     assert parse_config(doc, "proxy.yaml").tls == TLSSettings(
         profile="modern",
@@ -183,6 +185,7 @@ def test_every_tls_setting_decodes() -> None:
         groups=("X25519", "P-256"),
         dhparam="/etc/tlsproxy/dhparam.pem",
         session_tickets=False,
+        session_ticket_rotation=3600.0,
     )
 
 
@@ -396,7 +399,8 @@ def test_allowed_key_lists_name_the_documented_settings() -> None:
     """The allowed-key lists shown to users contain the documented settings, in that order."""
     assert TOP_KEYS.startswith("listen, tls, default_host, hosts")
     assert TLS_KEYS == (
-        "profile, min_version, ciphers, ciphersuites, groups, dhparam, session_tickets"
+        "profile, min_version, ciphers, ciphersuites, groups, dhparam, session_tickets, "
+        "session_ticket_rotation"
     )
     assert HOST_KEYS.startswith("aliases, certificates, backend")
 
@@ -545,6 +549,25 @@ def test_session_tickets_must_be_boolean(value: object, kind: str) -> None:
     assert errors_of(with_tls(session_tickets=value)) == [
         f"proxy.yaml: tls.session_tickets: must be true or false, not {kind}"
     ]
+
+
+@pytest.mark.parametrize("value", [59, 604801, -1, 0, "12h", True, None, float("inf")])
+def test_session_ticket_rotation_is_a_minute_to_a_week(value: object) -> None:
+    """``session_ticket_rotation`` is a number of seconds from a minute to a week: keys
+    that live longer weaken forward secrecy, shorter ones make returning clients pay full
+    handshakes."""
+    assert errors_of(with_tls(session_ticket_rotation=value)) == [
+        "proxy.yaml: tls.session_ticket_rotation: must be a number of seconds from 60 to "
+        f"604800, not {value!r}"
+    ]
+
+
+@pytest.mark.parametrize("value", [60, 604800, 1800.5])
+def test_session_ticket_rotation_bounds_are_allowed(value: float) -> None:
+    """The bounds themselves and fractions are accepted."""
+    assert parse_config(with_tls(session_ticket_rotation=value), "p").tls == TLSSettings(
+        session_ticket_rotation=float(value)
+    )
 
 
 def test_yaml_yes_no_are_booleans() -> None:

@@ -603,6 +603,64 @@ def test_sessions_resume(world: World, tickets: bool, version: int, sni: bytes) 
     assert second.server.get_servername() == sni
 
 
+# OpenSSL makes a session unresumable when a connection is freed without close_notify
+# (the server also drops it from its cache): the helpers below close both ends cleanly.
+
+
+def _close(pair: Pair) -> None:
+    pair.client.shutdown()
+    pair.server.shutdown()
+
+
+def _resumes(creator: SNIConnectionCreator, context: SSL.Context, session: SSL.Session) -> bool:
+    pair = connect(creator, context, b"www.example.com", session=session)
+    exchange(pair)
+    _close(pair)
+    return bool(_lib.SSL_session_reused(pair.client._ssl))
+
+
+def _session(creator: SNIConnectionCreator, context: SSL.Context) -> SSL.Session:
+    pair = connect(creator, context, b"www.example.com")
+    exchange(pair)  # TLS 1.3 tickets arrive after the handshake
+    _close(pair)
+    session = pair.client.get_session()
+    assert session is not None
+    return session
+
+
+@pytest.mark.parametrize("tickets", [True, False])
+@pytest.mark.parametrize("version", [SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION])
+def test_sessions_resume_across_reload(world: World, tickets: bool, version: int) -> None:
+    """A reload with the same TLS policy keeps sessions resumable (tickets and the session
+    cache); one that changes the policy starts afresh, so no session outlives its policy."""
+    settings = TLSSettings(session_tickets=tickets)
+    creator = SNIConnectionCreator(world.contexts(settings))
+    context = client_context(world, versions=(version, version))
+    session = _session(creator, context)
+    creator.swap(world.contexts(settings))
+    assert _resumes(creator, context, session)
+    creator.swap(world.contexts(attrs.evolve(settings, ciphers=INTERMEDIATE_CIPHERS[0])))
+    assert not _resumes(creator, context, session)
+
+
+@pytest.mark.parametrize("version", [SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION])
+def test_session_ticket_keys_rotate(world: World, version: int) -> None:
+    """Session-ticket keys and the session cache are replaced every
+    ``tls.session_ticket_rotation`` seconds: a session from before is not resumed."""
+    clock = Clock()
+    settings = TLSSettings(session_ticket_rotation=3600)
+    creator = SNIConnectionCreator(world.contexts(settings), now=clock.seconds)
+    context = client_context(world, versions=(version, version))
+    session = _session(creator, context)
+    clock.advance(3599)
+    assert _resumes(creator, context, session)
+    fresh = _session(creator, context)
+    clock.advance(1)
+    assert not _resumes(creator, context, session)
+    assert not _resumes(creator, context, fresh)
+    assert _resumes(creator, context, _session(creator, context))
+
+
 # -- ALPN ------------------------------------------------------------------------------
 
 
@@ -631,8 +689,9 @@ def test_alpn(
 
 
 def test_swap_keeps_live_connections(world: World, tmp_path: Path) -> None:
-    """After swap(), new connections get the new certificates while a connection accepted
-    before (even mid-handshake) finishes with the old ones."""
+    """After swap(), new connections get the new certificates, and so does one accepted
+    before whose ClientHello comes after; a connection that finished its handshake
+    before goes on working."""
     old = world.contexts()
     creator = SNIConnectionCreator(old)
     renewed = world.ca.issue(["default.test"])
@@ -644,13 +703,14 @@ def test_swap_keeps_live_connections(world: World, tmp_path: Path) -> None:
     new, problems = build_server_contexts(world.config(), certificates)
     assert new is not None, problems
 
-    live = connect(creator, client_context(world), b"default.test", finish=False)
-    live.client.set_tlsext_host_name(b"default.test")
+    live = connect(creator, client_context(world), b"default.test")
+    accepted = connect(creator, client_context(world), b"default.test", finish=False)
     assert creator.swap(new) is old
     assert creator.contexts is new
-    handshake(live)
-    assert live.peer == world.leaf("default.test")
     assert exchange(live) == b"?!"
+    assert live.peer == world.leaf("default.test")
+    handshake(accepted)
+    assert accepted.peer == renewed.cert
 
     fresh = connect(creator, client_context(world), b"default.test")
     assert fresh.peer == renewed.cert

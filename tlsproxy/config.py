@@ -20,7 +20,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
@@ -33,6 +33,11 @@ T = TypeVar("T")
 
 PROFILES = ("modern", "intermediate")
 TLS_VERSIONS = ("1.2", "1.3")
+#: Seconds between new session-ticket keys (and a new session cache): 12 hours,
+#: as Caddy rotates them; a ticket older than that gets a full handshake.
+DEFAULT_SESSION_TICKET_ROTATION = 43200.0
+#: Allowed ``tls.session_ticket_rotation``: a minute to a week.
+SESSION_TICKET_ROTATION_RANGE = (60, 604800)
 
 
 @attrs.frozen
@@ -64,6 +69,7 @@ class TLSSettings:
     groups: tuple[str, ...] | None = None
     dhparam: str | None = None
     session_tickets: bool = True
+    session_ticket_rotation: float = DEFAULT_SESSION_TICKET_ROTATION
 
 
 @attrs.frozen
@@ -476,6 +482,7 @@ _TLS_KEYS = (
     "groups",
     "dhparam",
     "session_tickets",
+    "session_ticket_rotation",
 )
 _HOST_KEYS = (
     "aliases",
@@ -528,6 +535,16 @@ def _parse_tls(c: _Checker, value: object) -> TLSSettings:
             c.error("tls.groups", "must name at least one group")
     if "session_tickets" in doc:
         kwargs["session_tickets"] = c.boolean(doc["session_tickets"], "tls.session_tickets")
+    if "session_ticket_rotation" in doc:
+        value = doc["session_ticket_rotation"]
+        low, high = SESSION_TICKET_ROTATION_RANGE
+        if not _finite_seconds(value) or not low <= value <= high:
+            c.error(
+                "tls.session_ticket_rotation",
+                f"must be a number of seconds from {low} to {high}, not {value!r}",
+            )
+        else:
+            kwargs["session_ticket_rotation"] = float(value)
     return TLSSettings(**{k: v for k, v in kwargs.items() if v is not None})
 
 
@@ -1145,7 +1162,7 @@ def _backend_host_ok(host: str) -> bool:
     return True
 
 
-def _finite_seconds(value: object) -> bool:
+def _finite_seconds(value: object) -> TypeGuard[int | float]:
     """Whether ``value`` is a finite, non-negative number (YAML's .nan and .inf are not)."""
     return (
         isinstance(value, int | float)

@@ -99,6 +99,8 @@ class TLSParameters:
     ``groups_configured`` is true when the user listed the groups, so an
     unknown one is an error rather than silently dropped.  ``dhparam`` is the
     path of a PEM DH parameters file, or None (no DHE).
+    ``session_ticket_rotation`` is the life of the session-ticket keys and
+    the session cache, in seconds (see `tlsproxy.tls.SNIConnectionCreator`).
     """
 
     profile: str
@@ -110,6 +112,7 @@ class TLSParameters:
     groups_configured: bool
     dhparam: str | None
     session_tickets: bool
+    session_ticket_rotation: float
 
     @property
     def cipher_string(self) -> str:
@@ -251,5 +254,6 @@ def resolve(settings: TLSSettings) -> tuple[TLSParameters | None, list[Problem]]
         groups_configured=settings.groups is not None,
         dhparam=settings.dhparam,
         session_tickets=settings.session_tickets,
+        session_ticket_rotation=settings.session_ticket_rotation,
     )
     return params, problems

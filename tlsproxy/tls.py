@@ -10,11 +10,18 @@ whichever the client's signature algorithms accept.
 
 `SNIConnectionCreator` is what `tlsproxy.tlsconn.TLSServerFactory` (or
 Twisted's ``TLSMemoryBIOFactory``) calls for each accepted connection.  Every
-connection starts on the default host's context (which fixes the protocol
-versions, so all contexts share one policy) and the servername callback
-switches it to the named host's context by an in-memory lookup.
-`SNIConnectionCreator.swap` installs a new `ServerContexts` on reload;
-existing connections keep the contexts they started with.
+connection starts on a *session context*: the policy without a certificate,
+which fixes the protocol versions and holds what OpenSSL keeps per context
+for resumption (the session cache and the session-ticket keys).  Its
+servername callback switches the connection to the named host's context (the
+default host's without SNI or for an unknown name) by an in-memory lookup.
+`SNIConnectionCreator.swap` installs a new `ServerContexts` on reload; the
+session context stays while the policy is unchanged, so sessions resume
+across reloads, and is replaced every ``tls.session_ticket_rotation``
+seconds, which gives the ticket keys a bounded life (forward secrecy).
+A connection keeps the session and host contexts its handshake chose; one
+accepted before a swap whose ClientHello comes after it gets the new host
+contexts (or, if the policy changed, finishes on the old ones).
 
 A host with ``client_auth`` gets the trust store, CA names and verify mode of
 `tlsproxy.clientauth` on its context only; the servername callback copies
@@ -42,6 +49,7 @@ import binascii
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -75,10 +83,10 @@ MIN_DH_BITS = 2048
 _OP_NO_RENEGOTIATION: int = _lib.SSL_OP_NO_RENEGOTIATION
 _VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 # One session ID context for every context of a policy: the session cache and
-# ticket keys live in the connection's initial (default-host) context, and a
+# ticket keys live in the connection's initial (session) context, and a
 # session must stay resumable after the servername callback switched contexts.
 # A session from another host can therefore resume on a client-auth host; see
-# _servername_switcher and tlsproxy.clientauth.verified_peer for how that is made safe.
+# _switch_to_host and tlsproxy.clientauth.verified_peer for how that is made safe.
 _SESSION_ID_CONTEXT = b"tlsproxy"
 
 
@@ -348,50 +356,45 @@ class ServerContexts:
 
     ``hosts`` maps every host name and alias (exact or ``*.`` wildcard) to its
     context; ``default`` is the default host's context, used when the client
-    sends no SNI or a name no host matches.
+    sends no SNI or a name no host matches.  ``verify_modes`` holds the
+    contexts of hosts with ``client_auth`` and their verify modes (the others
+    verify nothing).
     """
 
     hosts: HostTable[SSL.Context]
     default: SSL.Context
     parameters: TLSParameters
+    verify_modes: Mapping[SSL.Context, int] = attrs.field(factory=dict)
 
     def context_for(self, server_name: bytes | str | None) -> SSL.Context:
         """The context serving ``server_name`` (raw SNI), or the default's."""
         return self.hosts.lookup(server_name) or self.default
 
 
-def _servername_switcher(
-    table: HostTable[SSL.Context], verify_modes: Mapping[SSL.Context, int]
-) -> Callable[[SSL.Connection], None]:
-    """Switch a connection to the context of the host its SNI names.
+def _switch_to_host(connection: SSL.Connection, contexts: ServerContexts) -> None:
+    """Move a connection from its session context to the context of the host its
+    SNI names (the default host's without SNI or for an unknown name).
 
     OpenSSL copies a context's verify mode into a connection when the
     connection is created, not when ``SSL_set_SSL_CTX`` switches it, so the
-    connection's mode is set here whenever the host's differs (``verify_modes``
-    holds the contexts of hosts with ``client_auth``; others verify nothing).
-    The CA names and the verify store are read from the switched-to context.
+    connection's mode is set here for hosts with ``client_auth``.  The CA
+    names and the verify store are read from the switched-to context.
 
-    OpenSSL decides on resumption before this callback runs, with the initial
+    OpenSSL decides on resumption before this callback runs, with the session
     context's session ID context, so a session from another host can resume
     here; `tlsproxy.clientauth.verified_peer` verifies a resumed session's
     certificate again for the host, and the proxy refuses the request if it
     fails.
     """
-
-    def on_servername(connection: SSL.Connection) -> None:
-        context = table.lookup(connection.get_servername())
-        if context is not None and context is not connection.get_context():
-            connection.set_context(context)
-            mode = verify_modes.get(context, SSL.VERIFY_NONE)
-            if mode != connection.get_verify_mode():
-                connection.set_verify(mode)
-            if mode != SSL.VERIFY_NONE:
-                # Stateful sessions only (the server cache keeps the client's
-                # chain, which a stateless ticket drops), so that a resumed
-                # session's certificate can be verified again for this host.
-                _lib.SSL_set_options(connection._ssl, SSL.OP_NO_TICKET)
-
-    return on_servername
+    context = contexts.context_for(connection.get_servername())
+    connection.set_context(context)
+    mode = contexts.verify_modes.get(context, SSL.VERIFY_NONE)
+    if mode != SSL.VERIFY_NONE:
+        connection.set_verify(mode)
+        # Stateful sessions only (the server cache keeps the client's chain,
+        # which a stateless ticket drops), so that a resumed session's
+        # certificate can be verified again for this host.
+        _lib.SSL_set_options(connection._ssl, SSL.OP_NO_TICKET)
 
 
 def build_server_contexts(
@@ -416,7 +419,6 @@ def build_server_contexts(
         return None, problems
     table: HostTable[SSL.Context] = HostTable()
     verify_modes: dict[SSL.Context, int] = {}
-    switcher = _servername_switcher(table, verify_modes)
     default: SSL.Context | None = None
     for host in config.hosts:
         keys = certificates.get(host.name, ())
@@ -430,7 +432,6 @@ def build_server_contexts(
         except SSL.Error as exc:  # not expected after check_tls_settings
             problems.append(Problem("tls", f"OpenSSL refused the TLS settings: {exc}"))
             return None, problems
-        context.set_tlsext_servername_callback(switcher)
         by_type: dict[str, CertifiedKey] = {}
         for certified in keys:
             first = by_type.setdefault(certified.key_type, certified)
@@ -453,10 +454,6 @@ def build_server_contexts(
             if material is not None:
                 configure_context(context, material)
                 verify_modes[context] = material.verify_mode
-                # No stateless tickets (they drop the client's intermediates, which
-                # the re-check of a resumed session needs), also for connections that
-                # start on this context without switching (the default host).
-                context.set_options(SSL.OP_NO_TICKET)
         for name in host.names:
             if name not in table:
                 table.add(name, context)
@@ -475,7 +472,44 @@ def build_server_contexts(
         hosts=len(config.hosts),
         openssl=openssl_version(),
     )
-    return ServerContexts(hosts=table, default=default, parameters=params), problems
+    return (
+        ServerContexts(hosts=table, default=default, parameters=params, verify_modes=verify_modes),
+        problems,
+    )
+
+
+def _session_key(contexts: ServerContexts) -> tuple[TLSParameters, bool]:
+    """What a session context is made from: the policy, and whether the default
+    host verifies client certificates (see `_SessionContext`)."""
+    return contexts.parameters, contexts.default in contexts.verify_modes
+
+
+class _SessionContext:
+    """The context every connection starts on, and the host contexts it switches to.
+
+    Holds the policy but no certificate; OpenSSL keeps the session cache and
+    the session-ticket keys (made at random when the context is created) in
+    it.  ``contexts`` is replaced on reload while `_session_key` stays the same.
+
+    When the default host verifies client certificates, it issues no stateless
+    tickets (see `_switch_to_host`); OpenSSL looks a TLS 1.3 session up in its
+    cache or decrypts it as a ticket before the servername callback runs, by
+    the options the connection starts with, so then every connection starts
+    without stateless tickets, and its TLS 1.3 sessions resume from the cache.
+    """
+
+    def __init__(self, contexts: ServerContexts, created: float) -> None:
+        self.contexts = contexts
+        self.key = _session_key(contexts)
+        self.parameters = contexts.parameters
+        self.created = created
+        self.context = _policy_context(contexts.parameters)
+        if self.key[1]:
+            self.context.set_options(SSL.OP_NO_TICKET)
+        self.context.set_tlsext_servername_callback(self._on_servername)
+
+    def _on_servername(self, connection: SSL.Connection) -> None:
+        _switch_to_host(connection, self.contexts)
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -483,28 +517,49 @@ class SNIConnectionCreator:
     """Creates each accepted TLS connection on the current `ServerContexts`.
 
     Pass it to ``TLSServerFactory(creator, factory)`` (`tlsproxy.tlsconn`).
+    ``now`` is the clock (seconds) that times the session context's life:
+    it is replaced, with new ticket keys and an empty session cache, once
+    it is ``parameters.session_ticket_rotation`` seconds old (checked as
+    connections arrive), and when a reload changes the TLS policy.
+
+    :raises SSL.Error: if OpenSSL refuses the policy (`check_tls_settings`
+        has ruled that out for the parameters of built contexts).
     """
 
-    def __init__(self, contexts: ServerContexts) -> None:
-        self._contexts = contexts
+    def __init__(self, contexts: ServerContexts, now: Callable[[], float] = time.monotonic) -> None:
+        self._now = now
+        self._session = _SessionContext(contexts, now())
 
     @property
     def contexts(self) -> ServerContexts:
-        """The contexts new connections start with."""
-        return self._contexts
+        """The contexts new connections switch to."""
+        return self._session.contexts
 
     def swap(self, contexts: ServerContexts) -> ServerContexts:
         """Serve new connections from ``contexts``; return the previous ones.
 
-        A single reference assignment, so it is atomic; connections already
-        accepted keep their contexts until they close.
+        Sessions stay resumable if the TLS policy is unchanged (and whether
+        the default host verifies client certificates).  A reference
+        assignment, so it is atomic; connections keep the contexts their
+        handshake chose until they close.
         """
-        previous, self._contexts = self._contexts, contexts
+        session = self._session
+        previous = session.contexts
+        if _session_key(contexts) == session.key:
+            session.contexts = contexts
+        else:
+            self._session = _SessionContext(contexts, self._now())
         return previous
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
-        """A server-side connection starting on the default host's context.
-
-        The servername callback switches it to the named host's context.
-        """
-        return SSL.Connection(self._contexts.default, None)
+        """A server-side connection on the session context; the servername
+        callback switches it to its host's context."""
+        session = self._session
+        now = self._now()
+        if now - session.created >= session.parameters.session_ticket_rotation:
+            session = self._session = _SessionContext(session.contexts, now)
+            log.info(
+                "TLS session ticket keys and session cache replaced (every {seconds:g} s)",
+                seconds=session.parameters.session_ticket_rotation,
+            )
+        return SSL.Connection(session.context, None)

@@ -150,6 +150,53 @@ def test_new_certificate_file_is_served_after_sighup_and_open_connections_surviv
     assert site.log_count("reloaded ") == 1
 
 
+def _resumed(
+    site: Site, context: ssl.SSLContext, session: ssl.SSLSession | None
+) -> tuple[bool, ssl.SSLSession | None]:
+    """One request on a new connection offering ``session``: whether it was resumed, and
+    the session to offer next."""
+    raw = socket.create_connection(("127.0.0.1", site.proxy.https_port), timeout=10)
+    with context.wrap_socket(raw, server_hostname="example.test", session=session) as tls:
+        tls.sendall(b"GET /s HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := tls.recv(65536):  # to the server's close_notify (TLS 1.3 tickets too)
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200"), data[:100]
+        return tls.session_reused, tls.session
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
+def test_sessions_resume_across_a_certificate_renewal(site: Site, version: ssl.TLSVersion) -> None:
+    """A returning client resumes its TLS session after a renewed certificate was reloaded
+    (the TLS policy is the same); after a reload that changes the ``tls`` section it makes
+    a full handshake, and resumes again from then on."""
+    context = ssl.create_default_context(cafile=str(site.ca_file))
+    context.minimum_version = context.maximum_version = version
+    reused, session = _resumed(site, context, None)
+    assert not reused
+    renewed = site.write_certificate(["example.test"])
+    site.hup()
+    _wait_for(
+        lambda: _serial_of_new_handshake(site) == renewed.cert.serial_number,
+        "the renewed certificate to be served",
+    )
+    reused, session = _resumed(site, context, session)
+    assert reused
+
+    config = {
+        "listen": {"https": [f"tcp:{site.proxy.https_port}:interface=127.0.0.1"]},
+        **site.config,
+        "tls": {"session_ticket_rotation": 3600},
+    }
+    site.rewrite_config(yaml.safe_dump(config))
+    site.hup()
+    _wait_for(lambda: site.log_count("reloaded ") == 2, "the second reload")
+    reused, session = _resumed(site, context, session)
+    assert not reused
+    reused, session = _resumed(site, context, session)
+    assert reused
+
+
 def test_bad_certificate_file_is_refused_and_the_old_one_kept(site: Site) -> None:
     """A new certificate file whose key does not match is refused with a clear log line;
     tlsproxy keeps serving the certificate it had."""
