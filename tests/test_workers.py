@@ -16,7 +16,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogLevel, eventAsJSON, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, eventAsJSON, formatEvent, globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -378,6 +378,48 @@ def test_reload_and_certificate_changes_go_to_every_worker() -> None:
             ("Configure", "reload", True),
             ("Configure", "certificates", True),
         ]
+
+
+def test_a_restarted_worker_starts_as_the_others_did_and_catches_up_before_it_accepts() -> None:
+    """A worker started after a reload is built from the configuration tlsproxy started
+    with (so restart-scoped settings such as ``proxy`` limits match the other workers')
+    and then sent the current one as a reload, both before its Ready is answered; a
+    refusal of the current one is logged."""
+    clock = Clock()
+    launcher = FakeLauncher()
+    snapshots = {"now": b"started"}
+    supervisor = WorkerSupervisor(
+        1,
+        launcher,
+        clock,
+        drain_timeout=lambda: 1.0,
+        snapshot=lambda: snapshots["now"],
+        start_snapshot=lambda: b"started",
+    )
+    supervisor.startService()
+    first = serve(supervisor, launcher)
+    assert [(kw["kind"], kw["data"]) for _, kw in first.calls] == [("start", b"started")]
+
+    snapshots["now"] = b"reloaded"
+    supervisor.worker_exited(0, launcher.current(0), None, "KILL")
+    clock.advance(1)
+    caller = FakeCaller(answer=False)
+    with captured_events() as events:
+        ready = supervisor.worker_ready(0, launcher.current(0), caller)
+        assert [(kw["kind"], kw["data"]) for _, kw in caller.calls] == [
+            ("start", b"started"),
+            ("catch-up", b"reloaded"),
+        ]
+        start, catch_up = caller.pending("Configure")
+        start.callback({"ok": True, "errors": []})
+        assert not ready.called
+        catch_up.callback({"ok": False, "errors": ["proxy.yaml: tls: bad"]})
+    assert ready.called
+    assert any(
+        "worker 0 refused the current configuration and serves the one tlsproxy started "
+        "with: proxy.yaml: tls: bad" in formatEvent(e)
+        for e in events
+    )
 
 
 def test_a_large_snapshot_goes_over_in_ordered_pages() -> None:

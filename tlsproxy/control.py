@@ -70,7 +70,9 @@ class Configure(amp.Command):
     The pages of one snapshot (same ``snapshot`` number, rising ``offset``)
     are sent in order; the one with ``final`` true makes the worker build its
     engines (the first time) or apply it as a reload (``kind``: ``start``,
-    ``reload`` or ``certificates``, a newly issued ACME certificate).  Only the
+    ``reload``, ``certificates`` for a newly issued ACME certificate, or
+    ``catch-up``: the current configuration, right after a ``start`` with the
+    one tlsproxy started with).  Only the
     final page's answer means anything: ``ok`` false means the worker refused
     it (``errors``, one line each) and keeps serving what it had.
     """

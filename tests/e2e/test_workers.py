@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -269,6 +270,34 @@ def test_a_restarted_worker_serves_what_the_parent_checked_not_the_files_now(
     with only(next(iter(new)), {survivor, *new}):
         assert site.get()[2].serial_number == site.leaf.cert.serial_number
     assert "cannot start" not in site.proxy.log
+
+
+def test_a_worker_restarted_after_a_reload_keeps_the_limits_the_others_have(
+    site: Site,
+) -> None:
+    """``proxy`` limits change at the next restart of tlsproxy, not at a reload: a worker
+    restarted after a reload that lowered ``max_request_line`` still serves a long request
+    target like the other worker, and serves the reloaded certificate."""
+    config = yaml.safe_load(site.proxy.config_path.read_text())
+    config["proxy"] = {"max_request_line": "1K"}
+    site.proxy.config_path.write_text(yaml.safe_dump(config))
+    renewed = site.write_certificate()
+    site.proxy.proc.send_signal(signal.SIGHUP)
+    wait_for(
+        lambda: all(f"[worker-{i}] reloaded" in site.proxy.log for i in (0, 1)),
+        "both workers reloaded",
+        site.proxy,
+    )
+    victim, survivor = sorted(site.pids)
+    os.kill(victim, signal.SIGKILL)
+    new = ready_workers(site.proxy, 2, exclude=frozenset({victim})) - {survivor}
+    long_target = "/" + "x" * 2000
+    for pid in (*new, survivor):
+        with only(pid, {survivor, *new}):
+            status, body, leaf = site.get(long_target)
+            assert (status, body) == (200, f"done {long_target}\n".encode())
+            assert leaf.serial_number == renewed.cert.serial_number
+    assert "refused the current configuration" not in site.proxy.log
 
 
 def test_sighup_reloads_every_worker_and_a_broken_certificate_is_refused_once(
