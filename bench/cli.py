@@ -136,7 +136,8 @@ class Run:
         self.servers: dict[str, Server] = {}
         self.ports: dict[str, int] = {}
         self.raw: dict[str, dict[str, list[Any]]] = {
-            p: {"keepalive": [], "handshake": [], "download": [], "upload": []} for p in self.peers
+            p: {"keepalive": [], "handshake": [], "resumption": [], "download": [], "upload": []}
+            for p in self.peers
         }
         self.metrics: dict[str, dict[str, Any]] = {p: {} for p in self.peers}
         self.tls: dict[str, dict[str, Any]] = {}
@@ -289,22 +290,30 @@ class Run:
             self.log(f"{peer}: warm-up failed: {str(exc)[:200]}")
 
     def handshakes(self, peer: str) -> None:
+        self._handshakes(peer, resume=False)
+
+    def resumptions(self, peer: str) -> None:
+        self._handshakes(peer, resume=True)
+
+    def _handshakes(self, peer: str, *, resume: bool) -> None:
         s = self.settings
         r = self._measured(
             peer,
-            "handshake",
+            "resumption" if resume else "handshake",
             lambda: measure.run_handshakes(
                 port=self.ports[peer],
                 connections=s.handshake_connections,
                 duration=s.duration,
                 cpus=self.pinning.others,
                 cwd=ROOT,
+                resume=resume,
             ),
         )
         if r:
             self.log(
-                f"{peer}: {r['rate']:,.0f} full handshakes/s, CPU {r['cpu_pct']:.0f}%, "
-                f"resumed {r['resumed']}, errors {sum(r['errors'].values())}"
+                f"{peer}: {r['rate']:,.0f} {'resumed' if resume else 'full'} handshakes/s, "
+                f"CPU {r['cpu_pct']:.0f}%, resumed {r['resumed']} of {r['handshakes']}, "
+                f"errors {sum(r['errors'].values())}"
             )
 
     def bulk(self, peer: str, direction: str) -> None:
@@ -334,7 +343,7 @@ class Run:
         order = list(self.peers)
         for round_no in range(self.settings.rounds):
             self.log(f"round {round_no + 1} of {self.settings.rounds}: order {', '.join(order)}")
-            for step in (self.keepalive, self.handshakes):
+            for step in (self.keepalive, self.handshakes, self.resumptions):
                 for peer in order:
                     step(peer)
             for direction in ("download", "upload"):

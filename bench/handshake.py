@@ -1,11 +1,14 @@
-"""A load generator for full TLS handshakes: each connection does one request, then closes.
+"""A load generator for TLS handshakes: each connection does one request, then closes.
 
 One job: keep ``--connections`` TLS connections busy against one address for
 ``--duration`` seconds, where every connection does a *full* handshake (no
 session is ever offered for resumption: a fresh ``SSL`` object per connection
 and the client session cache off), sends one ``GET`` with ``Connection:
 close``, reads the whole response, and closes.  It prints one JSON line:
-completed handshakes, errors, and latency percentiles of connect→response.
+completed handshakes, how many resumed, errors, and latency percentiles of
+connect→response.  With ``--resume`` every connection instead offers the
+session (TLS 1.3 ticket) the last completed connection of its process got, as
+a returning browser does, so the server does abbreviated handshakes.
 
 Why not wrk: wrk reuses each connection's ``SSL`` object with ``SSL_clear``,
 which keeps the session, so with ``Connection: close`` almost every
@@ -16,8 +19,8 @@ with pyOpenSSL/cryptography, so a wrk-based load generator on one core could
 not keep even nginx busy.  This tool uses pyOpenSSL, non-blocking sockets and
 one ``selectors`` loop per process; ``--processes`` runs several.
 
-It must not: resume sessions, verify certificates (the peers are ours), or run
-without a time bound.
+It must not: resume sessions unless told to, verify certificates (the peers are
+ours), or run without a time bound.
 """
 
 from __future__ import annotations
@@ -45,11 +48,14 @@ def _percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[index]
 
 
-def _context(groups: str | None) -> SSL.Context:
+def _context(groups: str | None, resume: bool) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     ctx.set_verify(SSL.VERIFY_NONE)
-    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-    ctx.set_options(SSL.OP_NO_TICKET)
+    if resume:
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_CLIENT)
+    else:
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        ctx.set_options(SSL.OP_NO_TICKET)
     if groups and _lib.SSL_CTX_set1_curves_list(ctx._context, groups.encode("ascii")) != 1:
         raise SystemExit(f"OpenSSL refused the groups {groups}")
     return ctx
@@ -77,8 +83,9 @@ def _run(
     connections: int,
     duration: float,
     groups: str | None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    ctx = _context(groups)
+    ctx = _context(groups, resume)
     request = (f"GET {path} HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n").encode(
         "ascii"
     )
@@ -86,6 +93,7 @@ def _run(
     latencies: list[float] = []
     errors = {"connect": 0, "handshake": 0, "read": 0, "status": 0}
     resumed = 0
+    last_session: SSL.Session | None = None
     start_time = time.monotonic()
     deadline = start_time + duration
     hard_deadline = deadline + 10.0
@@ -101,15 +109,23 @@ def _run(
             return
         conn = SSL.Connection(ctx, sock)
         conn.set_tlsext_host_name(server_name.encode("ascii"))
+        if last_session is not None:
+            conn.set_session(last_session)
         conn.set_connect_state()
         c = _Conn(sock, conn, time.monotonic())
         sel.register(sock, selectors.EVENT_WRITE, c)
 
     def finish(c: _Conn, ok: bool, kind: str = "") -> None:
+        nonlocal last_session
         sel.unregister(c.sock)
         c.sock.close()
         if ok:
             latencies.append(time.monotonic() - c.start)
+            if resume:
+                # As after close_notify: OpenSSL makes the session of a connection
+                # freed without it unresumable.
+                c.conn.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
+                last_session = c.conn.get_session()
         else:
             errors[kind] += 1
         if time.monotonic() < deadline:
@@ -213,11 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--groups", default=None, help="client key-exchange groups (OpenSSL list)")
+    parser.add_argument(
+        "--resume", action="store_true", help="offer the last session (abbreviated handshakes)"
+    )
     ns = parser.parse_args(argv)
     if not 0 < ns.duration <= 600:
         parser.error("--duration must be in (0, 600] seconds")
     per = max(1, ns.connections // ns.processes)
-    job = (ns.host, ns.port, ns.path, ns.server_name, per, ns.duration, ns.groups)
+    job = (ns.host, ns.port, ns.path, ns.server_name, per, ns.duration, ns.groups, ns.resume)
     if ns.processes == 1:
         results = [_run(*job)]
     else:

@@ -8,7 +8,8 @@ hard time limit and return a parsed result.
 * Keep-alive requests: ``wrk`` with fixed threads, connections and duration;
   a Lua ``done`` hook prints the summary as one JSON line (requests, errors,
   latency percentiles in microseconds).
-* Full handshakes: `bench.handshake` (see its docstring for why not wrk).
+* Full and resumed handshakes: `bench.handshake` (see its docstring for why not
+  wrk).
 * Bulk: ``curl`` downloads the 64 MiB body and uploads a 64 MiB file,
   reporting bytes and seconds.
 * TLS check: ``openssl s_client -brief`` shows the negotiated protocol, suite
@@ -132,8 +133,9 @@ def run_wrk(
 
 
 def handshake_command(
-    *, port: int, connections: int, duration: float, processes: int = 1
+    *, port: int, connections: int, duration: float, processes: int = 1, resume: bool = False
 ) -> list[str]:
+    """`bench.handshake` against ``port``: full handshakes, or resumed ones (``resume``)."""
     return [
         sys.executable,
         "-m",
@@ -148,6 +150,7 @@ def handshake_command(
         str(duration),
         "--processes",
         str(processes),
+        *(["--resume"] if resume else []),
     ]
 
 
@@ -161,9 +164,17 @@ def parse_handshake(output: str) -> dict[str, Any]:
 
 
 def run_handshakes(
-    *, port: int, connections: int, duration: float, cpus: str | None, cwd: Path
+    *,
+    port: int,
+    connections: int,
+    duration: float,
+    cpus: str | None,
+    cwd: Path,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    command = handshake_command(port=port, connections=connections, duration=duration)
+    command = handshake_command(
+        port=port, connections=connections, duration=duration, resume=resume
+    )
     proc = subprocess.run(
         pinned(command, cpus),
         capture_output=True,

@@ -53,6 +53,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("handshakes_per_s", "full handshakes/s", "{:,.0f}", True),
     Metric("handshake_cpu_pct", "proxy CPU during handshakes (%)", "{:.0f}", True),
     Metric("handshakes_per_cpu_s", "full handshakes per proxy CPU-second", "{:,.0f}", True),
+    Metric("resumed_per_s", "resumed handshakes/s", "{:,.0f}", True),
+    Metric("resumed_cpu_pct", "proxy CPU during resumed handshakes (%)", "{:.0f}", True),
+    Metric("resumed_per_cpu_s", "resumed handshakes per proxy CPU-second", "{:,.0f}", True),
     Metric("download_mb_s", "64 MiB download (MB/s)", "{:,.0f}", True),
     Metric("download_cpu_pct", "proxy CPU during downloads (%)", "{:.0f}", True),
     Metric("download_per_cpu_s", "download MB per proxy CPU-second", "{:,.0f}", True),
@@ -129,6 +132,9 @@ TARGETS: tuple[Target, ...] = (
 
 #: A run with more failed requests than this share of its total does not count.
 MAX_ERROR_SHARE = 0.005
+#: A resumption run counts only if at least this share of its handshakes resumed
+#: (the first connection of each process, and those started before it ended, are full).
+MIN_RESUMED_SHARE = 0.9
 
 
 def _median(values: list[float]) -> float | None:
@@ -145,8 +151,9 @@ def aggregate(
 ) -> list[str]:
     """Fill ``m`` with the medians of ``peer``'s raw runs; return problems found.
 
-    Runs with failed requests (beyond `MAX_ERROR_SHARE`) or a resumed handshake
-    do not count.  Rates per proxy CPU-second divide each median rate by the
+    Runs with failed requests (beyond `MAX_ERROR_SHARE`), a resumed handshake
+    among the full ones, or under `MIN_RESUMED_SHARE` resumed in a resumption
+    run do not count.  Rates per proxy CPU-second divide each median rate by the
     median share of a CPU the proxy used meanwhile.
     """
     problems = []
@@ -175,6 +182,21 @@ def aggregate(
         m["handshakes_per_s"] = _median([r["rate"] for r in hs])
         m["handshake_cpu_pct"] = _median([r["cpu_pct"] for r in hs])
         _per_cpu(m, "handshakes_per_s", "handshake_cpu_pct", "handshakes_per_cpu_s")
+    rs = []
+    for r in raw.get("resumption", ()):
+        bad = sum(r["errors"].values())
+        done = max(1, r["handshakes"])
+        if r["resumed"] < MIN_RESUMED_SHARE * done or bad > MAX_ERROR_SHARE * done:
+            problems.append(
+                f"{peer}: resumption run with errors {r['errors']}, resumed {r['resumed']} "
+                f"of {r['handshakes']}"
+            )
+        else:
+            rs.append(r)
+    if rs:
+        m["resumed_per_s"] = _median([r["rate"] for r in rs])
+        m["resumed_cpu_pct"] = _median([r["cpu_pct"] for r in rs])
+        _per_cpu(m, "resumed_per_s", "resumed_cpu_pct", "resumed_per_cpu_s")
     for direction in ("download", "upload"):
         runs = [x for r in raw.get(direction, ()) for x in r["runs_mb_per_s"]]
         if runs:
