@@ -610,6 +610,7 @@ def test_commands_reach_the_workers_runtime_over_amp() -> None:
 
     answer(parent.callRemote(control.ReopenLogs), pump)
     assert access_log.reopened == 1
+    assert answer(parent.callRemote(control.Ping), pump) == {}
 
 
 def test_a_worker_notices_when_its_control_channel_closes() -> None:
@@ -931,6 +932,62 @@ def scraped(d: Deferred[Any]) -> list[Any]:
     results: list[Any] = []
     d.addBoth(results.append)
     return results
+
+
+def test_a_worker_that_stops_answering_pings_for_a_minute_is_killed_and_restarted() -> None:
+    """The watchdog pings every ready worker every 10 s; one whose event loop has not
+    answered for 60 s (stuck) is logged and killed once, and its exit restarts it, while
+    a worker that answers is left alone."""
+    supervisor, launcher, clock = supervisor_of(2)
+    stuck, healthy = FakeCaller(answer=False), FakeCaller()
+    supervisor.worker_ready(0, launcher.current(0), stuck)
+    supervisor.worker_ready(1, launcher.current(1), healthy)
+    stuck.pending("Configure")[0].callback({"ok": True, "errors": []})
+    victim = launcher.current(0)
+    with captured_events() as events:
+        clock.pump([10.0] * 5)
+        assert victim.signals == []
+        assert stuck.names().count("Ping") == 5 and healthy.names().count("Ping") == 5
+        clock.advance(10.0)
+        assert victim.signals == ["KILL"]
+        clock.pump([10.0] * 3)
+        assert victim.signals == ["KILL"]  # killed once, not again while it exits
+    assert launcher.current(1).signals == []
+    assert [formatEvent(e) for e in events if e.get("log_level") == LogLevel.error] == [
+        "worker 0 (pid 1000) has not answered for 60 s: killing it"
+    ]
+    supervisor.worker_exited(0, victim, None, "KILL")
+    clock.advance(1)
+    assert launcher.current(0) is not victim
+
+
+def test_a_late_ping_answer_counts_and_a_paused_supervisor_kills_nobody() -> None:
+    """A worker that answers pings late but within the minute is kept; if the supervisor
+    itself was not running for a while (stopped, suspended), the workers' silence over
+    that time is not held against them."""
+    supervisor, launcher, clock = supervisor_of(1)
+    slow = FakeCaller(answer=False)
+    supervisor.worker_ready(0, launcher.current(0), slow)
+    slow.pending("Configure")[0].callback({"ok": True, "errors": []})
+    clock.pump([10.0] * 5)
+    slow.pending("Ping")[-1].callback({})  # answered at 50 s
+    clock.pump([10.0] * 5)
+    assert launcher.current(0).signals == []
+    clock.advance(500)  # the supervisor was stopped for minutes
+    assert launcher.current(0).signals == []
+    clock.pump([10.0] * 6)
+    assert launcher.current(0).signals == ["KILL"]
+
+
+def test_stopping_the_supervisor_stops_the_watchdog() -> None:
+    """After stop, no more pings go out and nothing is left scheduled."""
+    supervisor, launcher, clock = supervisor_of(1)
+    caller = serve(supervisor, launcher)
+    supervisor.stopService()
+    supervisor.worker_exited(0, launcher.current(0), 0, None)
+    clock.advance(100)
+    assert "Ping" not in caller.names()
+    assert not clock.getDelayedCalls()
 
 
 def test_a_hung_worker_delays_a_scrape_by_three_seconds_at_most() -> None:

@@ -122,6 +122,13 @@ class ReopenLogs(amp.Command):
     response = []
 
 
+class Ping(amp.Command):
+    """Answer at once: the supervisor's watchdog checks that the worker's event loop runs."""
+
+    arguments = []
+    response = []
+
+
 class MetricsPage(amp.Command):
     """One page of the worker's Prometheus exposition (text format).
 

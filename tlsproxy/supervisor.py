@@ -10,6 +10,9 @@ over which each worker is sent what to serve: the configuration text and the
 certificates this process checked (a snapshot), never re-read by the worker.
 It then:
 
+- kills and restarts a worker whose event loop has not answered a ping for
+  ``HUNG_AFTER`` seconds (stuck in a loop or a blocking call: it accepts
+  nothing, and the connections it holds stall), as HAProxy's watchdog does;
 - restarts a worker that exits unexpectedly, logging its exit code or
   signal, backing off a crash loop (1 s doubling to 30 s; reset once a
   worker stayed up 60 s); but if every worker fails before it is ready at
@@ -83,6 +86,11 @@ log = Logger()
 KILL_GRACE = 5.0
 #: Seconds a worker has to acknowledge a challenge, a reload or a metrics page.
 ANSWER_TIMEOUT = 10.0
+#: Seconds between the watchdog's pings of every ready worker.
+PING_INTERVAL = 10.0
+#: Seconds without an answer to any ping after which a worker is considered hung
+#: and killed (then restarted): far above any pause of a working event loop.
+HUNG_AFTER = 60.0
 #: Seconds a metrics scrape waits for the workers: well below Prometheus's
 #: default scrape timeout (10 s), so one hung worker cannot fail the whole target.
 METRICS_DEADLINE = 3.0
@@ -176,6 +184,8 @@ class _Slot:
     restart: IDelayedCall | None = None
     #: Why this slot's first process failed before it was ready (None: it has not).
     first_failure: str | None = None
+    #: When the worker last answered a ping (or became ready), in clock seconds.
+    answered: float = 0.0
 
 
 class FanOutTokens(ChallengeTokens):
@@ -293,6 +303,8 @@ class WorkerSupervisor(Service):
         self._pending: set[Deferred[Any]] = set()
         #: The scrapes waiting for the metrics collection under way (None: none is).
         self._collecting: list[Deferred[dict[str, str]]] | None = None
+        self._watchdog: IDelayedCall | None = None
+        self._last_tick = 0.0
 
     # Processes.
 
@@ -303,6 +315,44 @@ class WorkerSupervisor(Service):
         for slot in self.slots:
             slot.first_failure = None
             self._launch(slot)
+        self._last_tick = self.clock.seconds()
+        self._watchdog = self.clock.callLater(PING_INTERVAL, self._watch)
+
+    def _watch(self) -> None:
+        """Ping every ready worker; kill one that has not answered for `HUNG_AFTER`."""
+        now = self.clock.seconds()
+        if now - self._last_tick > 2 * PING_INTERVAL:
+            # This process itself did not run (stopped, suspended): the workers'
+            # silence says nothing, so their time starts again.
+            for slot in self.slots:
+                slot.answered = now
+        self._last_tick = now
+        for slot in self.slots:
+            if slot.control is None or slot.handle is None:
+                continue
+            if now - slot.answered >= HUNG_AFTER:
+                log.error(
+                    "worker {worker} (pid {pid}) has not answered for {seconds:g} s: "
+                    "killing it",
+                    worker=slot.index,
+                    pid=slot.handle.pid,
+                    seconds=now - slot.answered,
+                )
+                slot.handle.signal("KILL")
+                slot.answered = now  # once; its exit restarts it
+                continue
+            ping = self._call(slot, control.Ping)
+            ping.addCallbacks(self._pong, lambda _: None, callbackArgs=(slot, slot.handle))
+        self._watchdog = self.clock.callLater(PING_INTERVAL, self._watch)
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.cancel()
+        self._watchdog = None
+
+    def _pong(self, _answer: object, slot: _Slot, handle: Handle) -> None:
+        if slot.handle is handle:
+            slot.answered = self.clock.seconds()
 
     def _launch(self, slot: _Slot) -> None:
         slot.restart = None
@@ -333,6 +383,7 @@ class WorkerSupervisor(Service):
         if slot.handle is not handle or self._stopping:
             return succeed(None)
         slot.control = caller  # from now on it receives every broadcast, in order
+        slot.answered = self.clock.seconds()
         start, current = self.start_snapshot(), self.snapshot()
         calls = [self._configure(slot, "start", start)]
         if current != start:
@@ -408,6 +459,7 @@ class WorkerSupervisor(Service):
         )
         log.critical("{message}", message=message)
         self._stopping = True  # no more restarts
+        self._stop_watchdog()
         for other in self.slots:
             if other.restart is not None and other.restart.active():
                 other.restart.cancel()
@@ -424,6 +476,7 @@ class WorkerSupervisor(Service):
         """SIGTERM every worker (each drains), wait for them, kill stragglers."""
         super().stopService()
         self._stopping = True
+        self._stop_watchdog()
         for slot in self.slots:
             if slot.restart is not None and slot.restart.active():
                 slot.restart.cancel()

@@ -157,6 +157,10 @@ class WorkerControl(amp.AMP):
             self.access_log.reopen()
         return {}
 
+    @control.Ping.responder
+    def ping(self) -> dict[str, Any]:
+        return {}
+
     @control.MetricsPage.responder
     def metrics_page(self, snapshot: int, offset: int) -> dict[str, Any]:
         if offset == 0:
