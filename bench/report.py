@@ -169,34 +169,29 @@ def aggregate(
         m["keepalive_p99_ms"] = _median([r["p99_ms"] for r in ka])
         m["keepalive_cpu_pct"] = _median([r["cpu_pct"] for r in ka])
         _per_cpu(m, "keepalive_rps", "keepalive_cpu_pct", "keepalive_per_cpu_s")
-    hs = []
-    for r in raw.get("handshake", ()):
-        bad = sum(r["errors"].values())
-        if r["resumed"] or bad > MAX_ERROR_SHARE * max(1, r["handshakes"]):
-            problems.append(
-                f"{peer}: handshake run with errors {r['errors']}, resumed {r['resumed']}"
-            )
-        else:
-            hs.append(r)
-    if hs:
-        m["handshakes_per_s"] = _median([r["rate"] for r in hs])
-        m["handshake_cpu_pct"] = _median([r["cpu_pct"] for r in hs])
-        _per_cpu(m, "handshakes_per_s", "handshake_cpu_pct", "handshakes_per_cpu_s")
-    rs = []
-    for r in raw.get("resumption", ()):
-        bad = sum(r["errors"].values())
-        done = max(1, r["handshakes"])
-        if r["resumed"] < MIN_RESUMED_SHARE * done or bad > MAX_ERROR_SHARE * done:
-            problems.append(
-                f"{peer}: resumption run with errors {r['errors']}, resumed {r['resumed']} "
-                f"of {r['handshakes']}"
-            )
-        else:
-            rs.append(r)
-    if rs:
-        m["resumed_per_s"] = _median([r["rate"] for r in rs])
-        m["resumed_cpu_pct"] = _median([r["cpu_pct"] for r in rs])
-        _per_cpu(m, "resumed_per_s", "resumed_cpu_pct", "resumed_per_cpu_s")
+    for kind, prefix, key in (
+        ("handshake", "handshake", "handshakes"),
+        ("resumption", "resumed", "resumed"),
+    ):
+        runs = []
+        for r in raw.get(kind, ()):
+            done = max(1, r["handshakes"])
+            bad = sum(r["errors"].values()) > MAX_ERROR_SHARE * done
+            if kind == "handshake":
+                bad = bad or r["resumed"] > 0
+            else:
+                bad = bad or r["resumed"] < MIN_RESUMED_SHARE * done
+            if bad:
+                problems.append(
+                    f"{peer}: {kind} run with errors {r['errors']}, resumed {r['resumed']} "
+                    f"of {r['handshakes']}"
+                )
+            else:
+                runs.append(r)
+        if runs:
+            m[f"{key}_per_s"] = _median([r["rate"] for r in runs])
+            m[f"{prefix}_cpu_pct"] = _median([r["cpu_pct"] for r in runs])
+            _per_cpu(m, f"{key}_per_s", f"{prefix}_cpu_pct", f"{key}_per_cpu_s")
     for direction in ("download", "upload"):
         runs = [x for r in raw.get(direction, ()) for x in r["runs_mb_per_s"]]
         if runs:

@@ -194,6 +194,16 @@ class Site:
     def get(self, path: str = "/") -> tuple[int, bytes, x509.Certificate]:
         return https_get(self.https_port, self.ca_file, path)
 
+    def reload(self) -> None:
+        """SIGHUP to the parent, then wait until both workers reloaded."""
+        before = [self.proxy.log.count(f"[worker-{i}] reloaded") for i in (0, 1)]
+        self.proxy.proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: all(self.proxy.log.count(f"[worker-{i}] reloaded") > before[i] for i in (0, 1)),
+            "both workers reloaded",
+            self.proxy,
+        )
+
     def metrics(self) -> dict[str, Any]:
         conn = http.client.HTTPConnection("127.0.0.1", self.metrics_port, timeout=10)
         try:
@@ -282,12 +292,7 @@ def test_a_worker_restarted_after_a_reload_keeps_the_limits_the_others_have(
     config["proxy"] = {"max_request_line": "1K"}
     site.proxy.config_path.write_text(yaml.safe_dump(config))
     renewed = site.write_certificate()
-    site.proxy.proc.send_signal(signal.SIGHUP)
-    wait_for(
-        lambda: all(f"[worker-{i}] reloaded" in site.proxy.log for i in (0, 1)),
-        "both workers reloaded",
-        site.proxy,
-    )
+    site.reload()
     victim, survivor = sorted(site.pids)
     os.kill(victim, signal.SIGKILL)
     new = ready_workers(site.proxy, 2, exclude=frozenset({victim})) - {survivor}
@@ -307,12 +312,7 @@ def test_sighup_reloads_every_worker_and_a_broken_certificate_is_refused_once(
     the new certificate; a broken replacement is refused (logged once, by the parent) and
     every worker keeps serving the previous one."""
     renewed = site.write_certificate()
-    site.proxy.proc.send_signal(signal.SIGHUP)
-    wait_for(
-        lambda: all(f"[worker-{i}] reloaded" in site.proxy.log for i in (0, 1)),
-        "both workers reloaded",
-        site.proxy,
-    )
+    site.reload()
     for pid in site.pids:
         with only(pid, site.pids):
             assert site.get()[2].serial_number == renewed.cert.serial_number
@@ -339,12 +339,7 @@ def test_changing_workers_on_reload_waits_for_a_restart(site: Site) -> None:
     processes, saying once that it changes at the next restart."""
     text = site.proxy.config_path.read_text().replace("workers: 2", "workers: 3")
     site.proxy.config_path.write_text(text)
-    site.proxy.proc.send_signal(signal.SIGHUP)
-    wait_for(
-        lambda: all(f"[worker-{i}] reloaded" in site.proxy.log for i in (0, 1)),
-        "both workers reloaded",
-        site.proxy,
-    )
+    site.reload()
     log = site.proxy.log
     assert log.count("workers changed: the number of processes changes at the next restart") == 1
     assert worker_pids(site.proxy.proc.pid) == site.pids
