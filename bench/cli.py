@@ -1,7 +1,8 @@
 """``python -m bench``: run the side-by-side benchmark and write its results.
 
 One job: orchestrate a run.  It makes a private run directory with the test
-certificate and a 64 MiB body, starts the backend and every peer (nginx,
+certificate and a 64 MiB body, starts the backends (nginx, and the WebSocket
+echo server `bench.wsecho`) and every peer (nginx,
 HAProxy, tlsproxy, stock twisted.web.proxy) pinned as `Pinning` says, checks
 what TLS each negotiates, measures every peer the same way in turns (each
 round rotates the order), records CPU and memory from ``/proc``, optionally
@@ -38,6 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ALL_PEERS = ("nginx", "haproxy", "tlsproxy", "twisted", "nginx-2w", "tlsproxy-2w")
 #: Peers running two worker processes on all CPUs (not pinned to the proxy's CPU).
 MULTI_WORKER_PEERS = ("nginx-2w", "tlsproxy-2w")
+#: Stock twisted.web.proxy neither proxies WebSockets nor resumes TLS sessions (Twisted's
+#: ``CertificateOptions`` turns both session IDs and tickets off): not measured for it.
+NO_WEBSOCKET_PEERS = NO_RESUMPTION_PEERS = ("twisted",)
 
 
 def _nginx_command(prefix: Path, conf: Path) -> list[str]:
@@ -136,7 +140,14 @@ class Run:
         self.servers: dict[str, Server] = {}
         self.ports: dict[str, int] = {}
         self.raw: dict[str, dict[str, list[Any]]] = {
-            p: {"keepalive": [], "handshake": [], "resumption": [], "download": [], "upload": []}
+            p: {
+                "keepalive": [],
+                "handshake": [],
+                "resumption": [],
+                "websocket": [],
+                "download": [],
+                "upload": [],
+            }
             for p in self.peers
         }
         self.metrics: dict[str, dict[str, Any]] = {p: {} for p in self.peers}
@@ -178,6 +189,15 @@ class Run:
             port=backend_port,
             cpus=others,
         )
+        ws_port = free_port()
+        self.log(f"starting the WebSocket backend (bench.wsecho) on port {ws_port}")
+        group.start(
+            "ws-backend",
+            [sys.executable, "-m", "bench.wsecho", "--port", str(ws_port)],
+            port=ws_port,
+            cpus=others,
+            cwd=ROOT,
+        )
         for peer in self.peers:
             port = free_port()
             self.ports[peer] = port
@@ -193,6 +213,7 @@ class Run:
                         backend_port=backend_port,
                         pki=self.pki,
                         workers=workers,
+                        ws_port=ws_port,
                     )
                 )
                 (self.workdir / peer).mkdir(exist_ok=True)
@@ -200,7 +221,9 @@ class Run:
             elif peer == "haproxy":
                 conf = self.workdir / "haproxy.cfg"
                 conf.write_text(
-                    configs.haproxy_conf(port=port, backend_port=backend_port, pki=self.pki)
+                    configs.haproxy_conf(
+                        port=port, backend_port=backend_port, pki=self.pki, ws_port=ws_port
+                    )
                 )
                 command = ["haproxy", "-db", "-f", str(conf)]
             elif peer in ("tlsproxy", "tlsproxy-2w"):
@@ -208,7 +231,11 @@ class Run:
                 conf.write_text(
                     yaml.safe_dump(
                         configs.tlsproxy_config(
-                            port=port, backend_port=backend_port, pki=self.pki, workers=workers
+                            port=port,
+                            backend_port=backend_port,
+                            pki=self.pki,
+                            workers=workers,
+                            ws_port=ws_port,
                         )
                     )
                 )
@@ -293,7 +320,8 @@ class Run:
         self._handshakes(peer, resume=False)
 
     def resumptions(self, peer: str) -> None:
-        self._handshakes(peer, resume=True)
+        if peer not in NO_RESUMPTION_PEERS:
+            self._handshakes(peer, resume=True)
 
     def _handshakes(self, peer: str, *, resume: bool) -> None:
         s = self.settings
@@ -314,6 +342,27 @@ class Run:
                 f"{peer}: {r['rate']:,.0f} {'resumed' if resume else 'full'} handshakes/s, "
                 f"CPU {r['cpu_pct']:.0f}%, resumed {r['resumed']} of {r['handshakes']}, "
                 f"errors {sum(r['errors'].values())}"
+            )
+
+    def websockets(self, peer: str) -> None:
+        if peer in NO_WEBSOCKET_PEERS:
+            return
+        s = self.settings
+        r = self._measured(
+            peer,
+            "websocket",
+            lambda: measure.run_websocket(
+                port=self.ports[peer],
+                connections=s.handshake_connections,
+                duration=s.duration,
+                cpus=self.pinning.others,
+                cwd=ROOT,
+            ),
+        )
+        if r:
+            self.log(
+                f"{peer}: {r['rate']:,.0f} WebSocket messages/s, p99 {r['p99_ms']:.2f} ms, "
+                f"CPU {r['cpu_pct']:.0f}%, errors {sum(r['errors'].values())}"
             )
 
     def bulk(self, peer: str, direction: str) -> None:
@@ -343,7 +392,7 @@ class Run:
         order = list(self.peers)
         for round_no in range(self.settings.rounds):
             self.log(f"round {round_no + 1} of {self.settings.rounds}: order {', '.join(order)}")
-            for step in (self.keepalive, self.handshakes, self.resumptions):
+            for step in (self.keepalive, self.handshakes, self.resumptions, self.websockets):
                 for peer in order:
                     step(peer)
             for direction in ("download", "upload"):

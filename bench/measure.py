@@ -10,6 +10,7 @@ hard time limit and return a parsed result.
   latency percentiles in microseconds).
 * Full and resumed handshakes: `bench.handshake` (see its docstring for why not
   wrk).
+* WebSocket messages: `bench.websocket`, echoed by `bench.wsecho` behind the peer.
 * Bulk: ``curl`` downloads the 64 MiB body and uploads a 64 MiB file,
   reporting bytes and seconds.
 * TLS check: ``openssl s_client -brief`` shows the negotiated protocol, suite
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.configs import BIG_PATH, SERVER_NAME, SMALL_PATH, UPLOAD_PATH
+from bench.configs import BIG_PATH, SERVER_NAME, SMALL_PATH, UPLOAD_PATH, WS_PATH
 from bench.processes import pinned
 
 #: Marker before the JSON line the wrk script prints.
@@ -102,12 +103,13 @@ def parse_wrk(output: str) -> dict[str, Any]:
     raise ValueError(f"no {WRK_MARKER.strip()} line in wrk's output:\n{output[-2000:]}")
 
 
-def _run(command: Sequence[str], timeout: float) -> str:
+def _run(command: Sequence[str], timeout: float, cwd: Path | None = None) -> str:
     proc = subprocess.run(
         list(command),
         capture_output=True,
         text=True,
         timeout=timeout,
+        cwd=cwd,
         stdin=subprocess.DEVNULL,
         check=False,
     )
@@ -154,11 +156,11 @@ def handshake_command(
     ]
 
 
-def parse_handshake(output: str) -> dict[str, Any]:
-    """The handshake result: the last JSON line `bench.handshake` printed."""
+def parse_json_line(output: str) -> dict[str, Any]:
+    """A load tool's result: the last JSON line `bench.handshake` or `bench.websocket` printed."""
     lines = [line for line in output.splitlines() if line.startswith("{")]
     if not lines:
-        raise ValueError(f"no JSON line in the handshake tool's output:\n{output[-2000:]}")
+        raise ValueError(f"no JSON line in the load tool's output:\n{output[-2000:]}")
     result: dict[str, Any] = json.loads(lines[-1])
     return result
 
@@ -175,18 +177,33 @@ def run_handshakes(
     command = handshake_command(
         port=port, connections=connections, duration=duration, resume=resume
     )
-    proc = subprocess.run(
-        pinned(command, cpus),
-        capture_output=True,
-        text=True,
-        timeout=duration + 30,
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench.handshake exited with {proc.returncode}: {proc.stderr[-2000:]}")
-    return parse_handshake(proc.stdout)
+    return parse_json_line(_run(pinned(command, cpus), timeout=duration + 30, cwd=cwd))
+
+
+def websocket_command(*, port: int, connections: int, duration: float) -> list[str]:
+    """`bench.websocket` against ``port``: ping-pong messages on upgraded connections."""
+    return [
+        sys.executable,
+        "-m",
+        "bench.websocket",
+        "--port",
+        str(port),
+        "--server-name",
+        SERVER_NAME,
+        "--path",
+        WS_PATH,
+        "--connections",
+        str(connections),
+        "--duration",
+        str(duration),
+    ]
+
+
+def run_websocket(
+    *, port: int, connections: int, duration: float, cpus: str | None, cwd: Path
+) -> dict[str, Any]:
+    command = websocket_command(port=port, connections=connections, duration=duration)
+    return parse_json_line(_run(pinned(command, cpus), timeout=duration + 30, cwd=cwd))
 
 
 _CURL_FORMAT = "%{http_code} %{size_download} %{size_upload} %{time_total}\\n"

@@ -56,6 +56,10 @@ METRICS: tuple[Metric, ...] = (
     Metric("resumed_per_s", "resumed handshakes/s", "{:,.0f}", True),
     Metric("resumed_cpu_pct", "proxy CPU during resumed handshakes (%)", "{:.0f}", True),
     Metric("resumed_per_cpu_s", "resumed handshakes per proxy CPU-second", "{:,.0f}", True),
+    Metric("ws_msgs_per_s", "WebSocket messages/s", "{:,.0f}", True),
+    Metric("ws_p99_ms", "WebSocket p99 latency (ms)", "{:.2f}", False),
+    Metric("ws_cpu_pct", "proxy CPU during WebSocket messages (%)", "{:.0f}", True),
+    Metric("ws_per_cpu_s", "WebSocket messages per proxy CPU-second", "{:,.0f}", True),
     Metric("download_mb_s", "64 MiB download (MB/s)", "{:,.0f}", True),
     Metric("download_cpu_pct", "proxy CPU during downloads (%)", "{:.0f}", True),
     Metric("download_per_cpu_s", "download MB per proxy CPU-second", "{:,.0f}", True),
@@ -146,6 +150,20 @@ def _per_cpu(m: dict[str, Any], rate_key: str, cpu_key: str, out_key: str) -> No
         m[out_key] = m[rate_key] / (m[cpu_key] / 100)
 
 
+def _without_errors(
+    peer: str, label: str, runs: Sequence[Mapping[str, Any]], count: str, problems: list[str]
+) -> list[Mapping[str, Any]]:
+    """The runs whose errors are within `MAX_ERROR_SHARE` of their ``count``;
+    each other one is added to ``problems``."""
+    clean = []
+    for r in runs:
+        if sum(r["errors"].values()) > MAX_ERROR_SHARE * max(1, r[count]):
+            problems.append(f"{peer}: {label} run with errors {r['errors']}")
+        else:
+            clean.append(r)
+    return clean
+
+
 def aggregate(
     peer: str, raw: Mapping[str, Sequence[Mapping[str, Any]]], m: dict[str, Any]
 ) -> list[str]:
@@ -156,13 +174,8 @@ def aggregate(
     run do not count.  Rates per proxy CPU-second divide each median rate by the
     median share of a CPU the proxy used meanwhile.
     """
-    problems = []
-    ka = []
-    for r in raw.get("keepalive", ()):
-        if sum(r["errors"].values()) > MAX_ERROR_SHARE * max(1, r["requests"]):
-            problems.append(f"{peer}: keep-alive run with errors {r['errors']}")
-        else:
-            ka.append(r)
+    problems: list[str] = []
+    ka = _without_errors(peer, "keep-alive", raw.get("keepalive", ()), "requests", problems)
     if ka:
         m["keepalive_rps"] = _median([r["rate"] for r in ka])
         m["keepalive_p50_ms"] = _median([r["p50_ms"] for r in ka])
@@ -173,7 +186,7 @@ def aggregate(
         ("handshake", "handshake", "handshakes"),
         ("resumption", "resumed", "resumed"),
     ):
-        runs = []
+        counted = []
         for r in raw.get(kind, ()):
             done = max(1, r["handshakes"])
             bad = sum(r["errors"].values()) > MAX_ERROR_SHARE * done
@@ -187,11 +200,17 @@ def aggregate(
                     f"of {r['handshakes']}"
                 )
             else:
-                runs.append(r)
-        if runs:
-            m[f"{key}_per_s"] = _median([r["rate"] for r in runs])
-            m[f"{prefix}_cpu_pct"] = _median([r["cpu_pct"] for r in runs])
+                counted.append(r)
+        if counted:
+            m[f"{key}_per_s"] = _median([r["rate"] for r in counted])
+            m[f"{prefix}_cpu_pct"] = _median([r["cpu_pct"] for r in counted])
             _per_cpu(m, f"{key}_per_s", f"{prefix}_cpu_pct", f"{key}_per_cpu_s")
+    ws = _without_errors(peer, "WebSocket", raw.get("websocket", ()), "messages", problems)
+    if ws:
+        m["ws_msgs_per_s"] = _median([r["rate"] for r in ws])
+        m["ws_p99_ms"] = _median([r["p99_ms"] for r in ws])
+        m["ws_cpu_pct"] = _median([r["cpu_pct"] for r in ws])
+        _per_cpu(m, "ws_msgs_per_s", "ws_cpu_pct", "ws_per_cpu_s")
     for direction in ("download", "upload"):
         runs = [x for r in raw.get(direction, ()) for x in r["runs_mb_per_s"]]
         if runs:

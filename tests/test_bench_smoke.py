@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import configs, measure, profile, report
+from bench import configs, measure, profile, report, websocket, wsecho
 from bench.handshake import _complete
 from tests.e2e.harness import IN_CI, ROOT, free_port, need_tool, wait_for_port
 
@@ -152,6 +152,44 @@ def test_profile_summary_ranks_self_and_inclusive_time() -> None:
     assert "60.0%  parse (tlsproxy/proxy.py)" in profile.render(summary)
 
 
+def test_websocket_frames_follow_rfc_6455() -> None:
+    """The echo backend answers the RFC's sample key with the RFC's accept value, unmasks
+    what the load generator masks, and frames its answer as the generator expects."""
+    assert wsecho.accept_value(b"dGhlIHNhbXBsZSBub25jZQ==") == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    sent = websocket.message()
+    assert sent[0] == 0x81 and sent[1] == 0x80 | len(websocket.PAYLOAD)
+    assert wsecho.unmask(sent[6:], sent[2:6]) == websocket.PAYLOAD
+    assert b"\x81" + bytes([len(websocket.PAYLOAD)]) + websocket.PAYLOAD == websocket.ECHO
+    assert wsecho.frame(0x2, b"x" * 200)[:4] == b"\x82\x7e\x00\xc8"
+    assert wsecho.frame(0x2, b"x" * 70000)[:2] == b"\x82\x7f"
+
+
+def test_every_proxy_routes_websockets_to_the_echo_backend(tmp_path: Path) -> None:
+    """nginx (with the upgrade headers it needs), HAProxy and tlsproxy send the WebSocket
+    prefix to the echo backend and everything else to the HTTP backend."""
+    pki = configs.write_pki(tmp_path)
+    nginx = configs.nginx_proxy_conf(prefix=tmp_path, port=1, backend_port=2, pki=pki, ws_port=3)
+    haproxy = configs.haproxy_conf(port=1, backend_port=2, pki=pki, ws_port=3)
+    tlsproxy = configs.tlsproxy_config(port=1, backend_port=2, pki=pki, ws_port=3)
+    assert f"location {configs.WS_PREFIX}" in nginx and "proxy_set_header Upgrade" in nginx
+    assert "server 127.0.0.1:3;" in nginx
+    assert f"use_backend ws if {{ path_beg {configs.WS_PREFIX} }}" in haproxy
+    assert tlsproxy["hosts"][configs.SERVER_NAME]["routes"] == [
+        {"path": configs.WS_PREFIX, "backend": "http://127.0.0.1:3"}
+    ]
+
+
+def test_websocket_runs_with_errors_do_not_count() -> None:
+    """WebSocket medians use only runs whose dropped connections stay within the limit."""
+    good = {"rate": 100.0, "messages": 1000, "errors": {"echo": 0}, "p99_ms": 2.0, "cpu_pct": 50}
+    bad = {**good, "rate": 5.0, "errors": {"echo": 30}}
+    metrics: dict[str, float] = {}
+    problems = report.aggregate("haproxy", {"websocket": [good, bad]}, metrics)
+    assert metrics["ws_msgs_per_s"] == 100.0
+    assert metrics["ws_per_cpu_s"] == 200.0
+    assert problems == ["haproxy: WebSocket run with errors {'echo': 30}"]
+
+
 def test_every_proxy_gets_the_same_tls_settings(tmp_path: Path) -> None:
     """nginx, HAProxy and tlsproxy are configured with the same suites, groups and certificate."""
     pki = configs.write_pki(tmp_path)
@@ -177,7 +215,7 @@ def test_generated_nginx_and_haproxy_configurations_are_accepted(tmp_path: Path)
     files = {
         "backend.conf": configs.nginx_backend_conf(prefix=tmp_path, port=1, docroot=tmp_path),
         "nginx.conf": configs.nginx_proxy_conf(
-            prefix=tmp_path, port=2, backend_port=1, pki=pki, session_log_port=3
+            prefix=tmp_path, port=2, backend_port=1, pki=pki, session_log_port=3, ws_port=4
         ),
     }
     for name, text in files.items():
@@ -190,7 +228,9 @@ def test_generated_nginx_and_haproxy_configurations_are_accepted(tmp_path: Path)
             check=False,
         )
         assert check.returncode == 0, check.stderr
-    (tmp_path / "haproxy.cfg").write_text(configs.haproxy_conf(port=2, backend_port=1, pki=pki))
+    (tmp_path / "haproxy.cfg").write_text(
+        configs.haproxy_conf(port=2, backend_port=1, pki=pki, ws_port=4)
+    )
     check = subprocess.run(
         [haproxy, "-c", "-f", str(tmp_path / "haproxy.cfg")],
         capture_output=True,
@@ -257,7 +297,7 @@ def test_handshake_generator_resumes_a_session_only_when_told(tmp_path: Path, re
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=10)
-    result = measure.parse_handshake(out)
+    result = measure.parse_json_line(out)
     logged = (tmp_path / "session.log").read_text().splitlines()
     assert result["handshakes"] >= 10
     assert len(logged) >= result["handshakes"]
@@ -316,6 +356,7 @@ def test_short_benchmark_of_nginx_and_tlsproxy_produces_results(tmp_path: Path) 
             "keepalive_p99_ms",
             "handshakes_per_s",
             "resumed_per_s",
+            "ws_msgs_per_s",
             "download_mb_s",
             "upload_mb_s",
             "idle_rss_mib",
