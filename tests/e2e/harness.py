@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 import yaml
 
+from bench.processes import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -38,14 +40,6 @@ def need_tool(name: str, path: str | None = None) -> str:
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(
