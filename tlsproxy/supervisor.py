@@ -332,7 +332,7 @@ class WorkerSupervisor(Service):
                 continue
             if now - slot.answered >= HUNG_AFTER:
                 log.error(
-                    "worker {worker} (pid {pid}) has not answered for {seconds:g} s: killing it",
+                    "worker {worker} (pid {pid}) has not answered for {seconds:.0f} s: killing it",
                     worker=slot.index,
                     pid=slot.handle.pid,
                     seconds=now - slot.answered,
