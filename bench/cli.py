@@ -556,7 +556,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=sorted(MODES),
         default="full",
         help="short: 1 round of 4 s runs, under 2 minutes; full (default): 5 rounds of "
-        "8 s runs, about 7 minutes",
+        "8 s runs, about 17 minutes",
     )
     parser.add_argument(
         "--short", dest="mode", action="store_const", const="short", help="same as --mode short"
