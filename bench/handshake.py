@@ -25,12 +25,9 @@ ours), or run without a time bound.
 
 from __future__ import annotations
 
-import argparse
-import errno
 import json
 import multiprocessing
 import selectors
-import socket
 import sys
 import time
 from typing import Any
@@ -38,14 +35,7 @@ from typing import Any
 from OpenSSL import SSL
 from OpenSSL._util import lib as _lib  # the binding under pyOpenSSL (no public API for these)
 
-_WANT = (SSL.WantReadError, SSL.WantWriteError)
-
-
-def _percentile(sorted_values: list[float], fraction: float) -> float:
-    if not sorted_values:
-        return 0.0
-    index = min(len(sorted_values) - 1, max(0, round(fraction * (len(sorted_values) - 1))))
-    return sorted_values[index]
+from bench import loadgen
 
 
 def _context(groups: str | None, resume: bool) -> SSL.Context:
@@ -59,20 +49,6 @@ def _context(groups: str | None, resume: bool) -> SSL.Context:
     if groups and _lib.SSL_CTX_set1_curves_list(ctx._context, groups.encode("ascii")) != 1:
         raise SystemExit(f"OpenSSL refused the groups {groups}")
     return ctx
-
-
-class _Conn:
-    """One connection's state: connecting, handshaking, writing, reading."""
-
-    __slots__ = ("buf", "conn", "sock", "start", "state", "want_write")
-
-    def __init__(self, sock: socket.socket, conn: SSL.Connection, start: float) -> None:
-        self.sock = sock
-        self.conn = conn
-        self.start = start
-        self.state = "connect"
-        self.buf = b""
-        self.want_write = True
 
 
 def _run(
@@ -99,23 +75,13 @@ def _run(
     hard_deadline = deadline + 10.0
 
     def open_one() -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        err = sock.connect_ex((host, port))
-        if err not in (0, errno.EINPROGRESS):
+        opened = loadgen.connect(host, port, ctx, server_name, last_session)
+        if opened is None:
             errors["connect"] += 1
-            sock.close()
             return
-        conn = SSL.Connection(ctx, sock)
-        conn.set_tlsext_host_name(server_name.encode("ascii"))
-        if last_session is not None:
-            conn.set_session(last_session)
-        conn.set_connect_state()
-        c = _Conn(sock, conn, time.monotonic())
-        sel.register(sock, selectors.EVENT_WRITE, c)
+        sel.register(opened[0], selectors.EVENT_WRITE, loadgen.Conn(*opened))
 
-    def finish(c: _Conn, ok: bool, kind: str = "") -> None:
+    def finish(c: loadgen.Conn, ok: bool, kind: str = "") -> None:
         nonlocal last_session
         sel.unregister(c.sock)
         c.sock.close()
@@ -131,25 +97,14 @@ def _run(
         if time.monotonic() < deadline:
             open_one()
 
-    def step(c: _Conn) -> None:
+    def step(c: loadgen.Conn) -> None:
         nonlocal resumed
-        if c.state == "connect":
-            err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                finish(c, False, "connect")
+        if c.state in ("connect", "handshake"):
+            outcome = loadgen.handshake(c, sel)
+            if outcome == "wait":
                 return
-            c.state = "handshake"
-        if c.state == "handshake":
-            try:
-                c.conn.do_handshake()
-            except SSL.WantReadError:
-                sel.modify(c.sock, selectors.EVENT_READ, c)
-                return
-            except SSL.WantWriteError:
-                sel.modify(c.sock, selectors.EVENT_WRITE, c)
-                return
-            except (SSL.Error, OSError):
-                finish(c, False, "handshake")
+            if outcome != "done":
+                finish(c, False, outcome)
                 return
             if _lib.SSL_session_reused(c.conn._ssl):
                 resumed += 1
@@ -157,7 +112,7 @@ def _run(
         if c.state == "write":
             try:
                 c.conn.sendall(request)
-            except _WANT:
+            except (SSL.WantReadError, SSL.WantWriteError):
                 sel.modify(c.sock, selectors.EVENT_WRITE, c)
                 return
             except (SSL.Error, OSError):
@@ -187,12 +142,8 @@ def _run(
 
     for _ in range(connections):
         open_one()
-    while sel.get_map() and time.monotonic() < hard_deadline:
-        for key, _events in sel.select(timeout=0.5):
-            step(key.data)
+    loadgen.run_loop(sel, step, hard_deadline)
     elapsed = time.monotonic() - start_time
-    for key in list(sel.get_map().values()):
-        key.fileobj.close()  # type: ignore[union-attr]
     latencies.sort()
     return {
         "handshakes": len(latencies),
@@ -220,21 +171,13 @@ def _worker(args: tuple[Any, ...]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--path", default="/small")
-    parser.add_argument("--server-name", default="localhost")
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--duration", type=float, default=5.0)
+    parser = loadgen.parser(__doc__.split("\n\n")[0], "/small")
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--groups", default=None, help="client key-exchange groups (OpenSSL list)")
     parser.add_argument(
         "--resume", action="store_true", help="offer the last session (abbreviated handshakes)"
     )
-    ns = parser.parse_args(argv)
-    if not 0 < ns.duration <= 600:
-        parser.error("--duration must be in (0, 600] seconds")
+    ns = loadgen.parse(parser, argv)
     per = max(1, ns.connections // ns.processes)
     job = (ns.host, ns.port, ns.path, ns.server_name, per, ns.duration, ns.groups, ns.resume)
     if ns.processes == 1:
@@ -252,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         "rate": total / seconds if seconds else 0.0,
         "errors": errors,
         "resumed": sum(r["resumed"] for r in results),
-        "p50_ms": _percentile(latencies, 0.50),
-        "p99_ms": _percentile(latencies, 0.99),
+        "p50_ms": loadgen.percentile(latencies, 0.50),
+        "p99_ms": loadgen.percentile(latencies, 0.99),
     }
     sys.stdout.write(json.dumps(out) + "\n")
     return 0

@@ -14,19 +14,17 @@ send traffic anywhere but the given address, or run without a time bound.
 
 from __future__ import annotations
 
-import argparse
 import base64
-import errno
 import json
 import os
 import selectors
-import socket
 import sys
 import time
 from typing import Any
 
 from OpenSSL import SSL
 
+from bench import loadgen
 from bench.wsecho import accept_value, frame
 
 #: The payload of every message (what a small dashboard update weighs).
@@ -43,28 +41,12 @@ def message() -> bytes:
 #: The echo every message must get back.
 ECHO = frame(0x1, PAYLOAD)
 
-_WANT = (SSL.WantReadError, SSL.WantWriteError)
 
+class _Conn(loadgen.Conn):
+    """A connection and its message in flight: when it was sent, the accept value expected."""
 
-def _percentile(sorted_values: list[float], fraction: float) -> float:
-    if not sorted_values:
-        return 0.0
-    index = min(len(sorted_values) - 1, max(0, round(fraction * (len(sorted_values) - 1))))
-    return sorted_values[index]
-
-
-class _Conn:
-    """One connection: TCP connect, TLS handshake, upgrade, then messages."""
-
-    __slots__ = ("buf", "conn", "expect", "sent", "sock", "state")
-
-    def __init__(self, sock: socket.socket, conn: SSL.Connection) -> None:
-        self.sock = sock
-        self.conn = conn
-        self.state = "connect"
-        self.buf = b""
-        self.sent = 0.0
-        self.expect = b""
+    sent = 0.0
+    expect = b""
 
 
 def run(
@@ -83,17 +65,11 @@ def run(
     hard_deadline = deadline + 10.0
 
     def open_one() -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if sock.connect_ex((host, port)) not in (0, errno.EINPROGRESS):
+        opened = loadgen.connect(host, port, ctx, server_name)
+        if opened is None:
             errors["connect"] += 1
-            sock.close()
             return
-        conn = SSL.Connection(ctx, sock)
-        conn.set_tlsext_host_name(server_name.encode("ascii"))
-        conn.set_connect_state()
-        sel.register(sock, selectors.EVENT_WRITE, _Conn(sock, conn))
+        sel.register(opened[0], selectors.EVENT_WRITE, _Conn(*opened))
 
     def drop(c: _Conn, kind: str) -> None:
         errors[kind] += 1
@@ -109,22 +85,12 @@ def run(
         return True
 
     def step(c: _Conn) -> None:
-        if c.state == "connect":
-            if c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                drop(c, "connect")
+        if c.state in ("connect", "handshake"):
+            outcome = loadgen.handshake(c, sel)
+            if outcome == "wait":
                 return
-            c.state = "handshake"
-        if c.state == "handshake":
-            try:
-                c.conn.do_handshake()
-            except SSL.WantReadError:
-                sel.modify(c.sock, selectors.EVENT_READ, c)
-                return
-            except SSL.WantWriteError:
-                sel.modify(c.sock, selectors.EVENT_WRITE, c)
-                return
-            except (SSL.Error, OSError):
-                drop(c, "handshake")
+            if outcome != "done":
+                drop(c, outcome)
                 return
             key = base64.b64encode(os.urandom(16))
             c.expect = b"Sec-WebSocket-Accept: " + accept_value(key)
@@ -145,7 +111,7 @@ def run(
         while True:
             try:
                 data = c.conn.recv(65536)
-            except _WANT:
+            except (SSL.WantReadError, SSL.WantWriteError):
                 return
             except (SSL.Error, OSError):
                 data = b""
@@ -181,11 +147,7 @@ def run(
 
     for _ in range(connections):
         open_one()
-    while sel.get_map() and time.monotonic() < hard_deadline:
-        for key, _events in sel.select(timeout=0.5):
-            step(key.data)
-    for key in list(sel.get_map().values()):
-        key.fileobj.close()  # type: ignore[union-attr]
+    loadgen.run_loop(sel, step, hard_deadline)
     elapsed = max(time.monotonic(), deadline) - start_time
     latencies.sort()
     return {
@@ -193,22 +155,13 @@ def run(
         "seconds": elapsed,
         "rate": len(latencies) / elapsed if elapsed else 0.0,
         "errors": errors,
-        "p50_ms": _percentile(latencies, 0.50) * 1000,
-        "p99_ms": _percentile(latencies, 0.99) * 1000,
+        "p50_ms": loadgen.percentile(latencies, 0.50) * 1000,
+        "p99_ms": loadgen.percentile(latencies, 0.99) * 1000,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--path", default="/ws/echo")
-    parser.add_argument("--server-name", default="localhost")
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--duration", type=float, default=5.0)
-    ns = parser.parse_args(argv)
-    if not 0 < ns.duration <= 600:
-        parser.error("--duration must be in (0, 600] seconds")
+    ns = loadgen.parse(loadgen.parser(__doc__.split("\n\n")[0], "/ws/echo"), argv)
     out = run(ns.host, ns.port, ns.path, ns.server_name, ns.connections, ns.duration)
     sys.stdout.write(json.dumps(out) + "\n")
     return 0
