@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
+import attrs
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -25,7 +26,13 @@ from tests import pki
 from tlsproxy import control
 from tlsproxy.acme.challenges import alpn_certificate
 from tlsproxy.certs import load_certified_key
-from tlsproxy.config import MAX_WORKERS, CertificateSource, available_cores, parse_config
+from tlsproxy.config import (
+    MAX_WORKERS,
+    CertificateSource,
+    available_cores,
+    parse_config,
+    with_restart_settings,
+)
 from tlsproxy.errors import ConfigError
 from tlsproxy.metrics import Metrics, merge_expositions
 from tlsproxy.plain import ChallengeTokens
@@ -380,48 +387,6 @@ def test_reload_and_certificate_changes_go_to_every_worker() -> None:
         ]
 
 
-def test_a_restarted_worker_starts_as_the_others_did_and_catches_up_before_it_accepts() -> None:
-    """A worker started after a reload is built from the configuration tlsproxy started
-    with (so restart-scoped settings such as ``proxy`` limits match the other workers')
-    and then sent the current one as a reload, both before its Ready is answered; a
-    refusal of the current one is logged."""
-    clock = Clock()
-    launcher = FakeLauncher()
-    snapshots = {"now": b"started"}
-    supervisor = WorkerSupervisor(
-        1,
-        launcher,
-        clock,
-        drain_timeout=lambda: 1.0,
-        snapshot=lambda: snapshots["now"],
-        start_snapshot=lambda: b"started",
-    )
-    supervisor.startService()
-    first = serve(supervisor, launcher)
-    assert [(kw["kind"], kw["data"]) for _, kw in first.calls] == [("start", b"started")]
-
-    snapshots["now"] = b"reloaded"
-    supervisor.worker_exited(0, launcher.current(0), None, "KILL")
-    clock.advance(1)
-    caller = FakeCaller(answer=False)
-    with captured_events() as events:
-        ready = supervisor.worker_ready(0, launcher.current(0), caller)
-        assert [(kw["kind"], kw["data"]) for _, kw in caller.calls] == [
-            ("start", b"started"),
-            ("catch-up", b"reloaded"),
-        ]
-        start, catch_up = caller.pending("Configure")
-        start.callback({"ok": True, "errors": []})
-        assert not ready.called
-        catch_up.callback({"ok": False, "errors": ["proxy.yaml: tls: bad"]})
-    assert ready.called
-    assert any(
-        "worker 0 refused the current configuration and serves the one tlsproxy started "
-        "with: proxy.yaml: tls: bad" in formatEvent(e)
-        for e in events
-    )
-
-
 def test_a_large_snapshot_goes_over_in_ordered_pages() -> None:
     """A configuration snapshot bigger than one AMP value is sent in pages, in order,
     only the last one marked final."""
@@ -492,12 +457,33 @@ def configure(parent: amp.AMP, pump: iosim.IOPump, data: bytes, kind: str, page:
     return answer(d, pump)
 
 
+def test_restart_settings_come_from_the_configuration_tlsproxy_started_with() -> None:
+    """A worker (re)started after reloads serves the current sites, certificates and TLS
+    settings, but listen, proxy, access_log, metrics and workers as tlsproxy started with
+    them, as the workers that only reloaded do (files named only in the old text are never
+    read)."""
+    started = config_with(
+        proxy={"max_request_line": "8K"}, access_log={"path": "/var/log/a.log"}, workers=2
+    )
+    now = config_with(
+        proxy={"max_request_line": "1K"},
+        metrics={"listen": "tcp:9100:interface=127.0.0.1"},
+        tls={"dhparam": "/etc/new-dh.pem"},
+        workers=3,
+    )
+    merged = with_restart_settings(now, started)
+    assert merged.tls == now.tls and merged.hosts == now.hosts
+    for name in ("listen", "proxy", "access_log", "metrics", "workers"):
+        assert getattr(merged, name) == getattr(started, name), name
+
+
 def test_a_snapshot_keeps_what_the_parent_loaded(tmp_path: Path) -> None:
     """The configuration text and the loaded certificates (key, chain, names, expiry,
     where they came from) survive the trip to a worker unchanged."""
-    snapshot = snapshot_of(tmp_path)
+    snapshot = attrs.evolve(snapshot_of(tmp_path), started_with="workers: 2\n")
     back = control.decode_snapshot(control.encode_snapshot(snapshot))
     assert (back.source, back.text) == (snapshot.source, snapshot.text)
+    assert back.started_with == "workers: 2\n"
     [original] = snapshot.certificates["a.example"]
     [copy] = back.certificates["a.example"]
     assert copy.leaf == original.leaf and copy.chain == original.chain
@@ -962,7 +948,8 @@ def test_a_worker_that_stops_answering_pings_for_a_minute_is_killed_and_restarte
 
 
 def test_a_late_ping_answer_counts_and_a_paused_supervisor_kills_nobody() -> None:
-    """A worker that answers pings late but within the minute is kept; if the supervisor
+    """A worker that answers pings late (more than the 10 s any other command gets) but
+    within the minute is kept; if the supervisor
     itself was not running for a while (stopped, suspended), the workers' silence over
     that time is not held against them."""
     supervisor, launcher, clock = supervisor_of(1)
@@ -970,7 +957,7 @@ def test_a_late_ping_answer_counts_and_a_paused_supervisor_kills_nobody() -> Non
     supervisor.worker_ready(0, launcher.current(0), slow)
     slow.pending("Configure")[0].callback({"ok": True, "errors": []})
     clock.pump([10.0] * 5)
-    slow.pending("Ping")[-1].callback({})  # answered at 50 s
+    slow.pending("Ping")[-3].callback({})  # the ping of 30 s, answered 20 s late
     clock.pump([10.0] * 5)
     assert launcher.current(0).signals == []
     clock.advance(500)  # the supervisor was stopped for minutes

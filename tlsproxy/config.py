@@ -383,6 +383,17 @@ class Config:
         raise KeyError(name)
 
 
+#: The settings a reload leaves alone: they change at the next restart.
+RESTART_SETTINGS = ("listen", "proxy", "access_log", "metrics", "workers")
+
+
+def with_restart_settings(config: Config, started: Config) -> Config:
+    """``config`` with the `RESTART_SETTINGS` of ``started`` (what the process
+    started with): what a process built after reloads must serve, as the others
+    do that only reloaded."""
+    return attrs.evolve(config, **{name: getattr(started, name) for name in RESTART_SETTINGS})
+
+
 class _Checker:
     """Collects problems while walking the document; helpers return None on error."""
 

@@ -70,9 +70,7 @@ class Configure(amp.Command):
     The pages of one snapshot (same ``snapshot`` number, rising ``offset``)
     are sent in order; the one with ``final`` true makes the worker build its
     engines (the first time) or apply it as a reload (``kind``: ``start``,
-    ``reload``, ``certificates`` for a newly issued ACME certificate, or
-    ``catch-up``: the current configuration, right after a ``start`` with the
-    one tlsproxy started with).  Only the
+    ``reload`` or ``certificates``, a newly issued ACME certificate).  Only the
     final page's answer means anything: ``ok`` false means the worker refused
     it (``errors``, one line each) and keeps serving what it had.
     """
@@ -149,11 +147,15 @@ def pages(data: bytes, offset: int) -> bytes:
 class Snapshot:
     """What a worker serves: the configuration file's text as the parent
     parsed it (``source`` is its path, for messages), and every host's
-    loaded, checked certificates."""
+    loaded, checked certificates.  ``started_with`` is the text tlsproxy
+    started with: a worker built from this snapshot takes the settings that
+    change only at a restart from it (`tlsproxy.config.with_restart_settings`),
+    so that a restarted worker has them as the other workers do."""
 
     source: str
     text: str
     certificates: dict[str, list[CertifiedKey]]
+    started_with: str | None = None
 
 
 def _key_pem(key: Any) -> str:
@@ -181,7 +183,12 @@ def encode_snapshot(snapshot: Snapshot) -> bytes:
         ]
         for host, keys in snapshot.certificates.items()
     }
-    document = {"source": snapshot.source, "text": snapshot.text, "certificates": hosts}
+    document = {
+        "source": snapshot.source,
+        "text": snapshot.text,
+        "certificates": hosts,
+        "started_with": snapshot.started_with,
+    }
     return json.dumps(document).encode("utf-8")
 
 
@@ -211,6 +218,8 @@ def decode_snapshot(data: bytes) -> Snapshot:
                         source=CertificateSource(key, cert, chain_file, path),
                     )
                 )
-        return Snapshot(document["source"], document["text"], certificates)
+        return Snapshot(
+            document["source"], document["text"], certificates, document.get("started_with")
+        )
     except (KeyError, TypeError, IndexError, UnicodeError) as exc:
         raise ValueError(f"not a configuration snapshot: {exc!r}") from None

@@ -254,15 +254,9 @@ class WorkerSupervisor(Service):
 
     ``launcher`` starts the processes; ``clock`` provides ``IReactorTime``;
     ``drain_timeout`` returns the live configuration's value; ``snapshot``
-    the encoded `tlsproxy.control.Snapshot` every worker is to serve.
-    ``start_snapshot`` is the one a new worker is built from (default: the
-    current one): the configuration this process started with, so that a
-    restarted worker gets the settings that change only at a restart
-    (``listen``, ``proxy``, ``access_log``, ``metrics``) as the others have
-    them; the current snapshot is then applied to it as a reload before it
-    accepts connections.  ``tokens`` and ``certificates`` are the ACME
-    service's challenge answers, replayed to every worker when it becomes
-    ready.
+    the encoded `tlsproxy.control.Snapshot` every worker is to serve.  ``tokens`` and
+    ``certificates`` are the ACME service's challenge answers, replayed to
+    every worker when it becomes ready.
     """
 
     def __init__(
@@ -273,7 +267,6 @@ class WorkerSupervisor(Service):
         *,
         drain_timeout: Callable[[], float],
         snapshot: Callable[[], bytes] = lambda: b"",
-        start_snapshot: Callable[[], bytes] | None = None,
         tokens: FanOutTokens | None = None,
         certificates: FanOutCertificates | None = None,
         backoff: BackOff | None = None,
@@ -288,7 +281,6 @@ class WorkerSupervisor(Service):
         self.clock = clock
         self.drain_timeout = drain_timeout
         self.snapshot = snapshot
-        self.start_snapshot = start_snapshot if start_snapshot is not None else snapshot
         self._snapshots = 0
         self.tokens = tokens if tokens is not None else FanOutTokens()
         self.certificates = certificates if certificates is not None else FanOutCertificates()
@@ -340,7 +332,8 @@ class WorkerSupervisor(Service):
                 slot.handle.signal("KILL")
                 slot.answered = now  # once; its exit restarts it
                 continue
-            ping = self._call(slot, control.Ping)
+            # No answer timeout: a late answer still counts; silence is what kills.
+            ping: Deferred[Any] = slot.control.callRemote(control.Ping)
             ping.addCallbacks(self._pong, lambda _: None, callbackArgs=(slot, slot.handle))
         self._watchdog = self.clock.callLater(PING_INTERVAL, self._watch)
 
@@ -375,20 +368,15 @@ class WorkerSupervisor(Service):
         log.info("worker {worker} started (pid {pid})", worker=slot.index, pid=slot.handle.pid)
 
     def worker_ready(self, index: int, handle: Handle, caller: Caller) -> Deferred[None]:
-        """The worker in slot ``index`` is up: configure it (see ``start_snapshot``)
-        and replay the current challenges to it; it starts accepting connections
+        """The worker in slot ``index`` is up: send it the current snapshot and
+        replay the current challenges to it; it starts accepting connections
         when this fires."""
         slot = self.slots[index]
         if slot.handle is not handle or self._stopping:
             return succeed(None)
         slot.control = caller  # from now on it receives every broadcast, in order
         slot.answered = self.clock.seconds()
-        start, current = self.start_snapshot(), self.snapshot()
-        calls = [self._configure(slot, "start", start)]
-        if current != start:
-            calls.append(
-                self._configure(slot, "catch-up", current).addCallback(self._caught_up, index)
-            )
+        calls = [self._configure(slot, "start")]
         calls += [
             self._call(slot, control.PublishToken, token=token, key_authorization=auth)
             for token, auth in self.tokens.published.items()
@@ -561,22 +549,9 @@ class WorkerSupervisor(Service):
             waiting.append(mirror)
         return gatherResults(waiting).addCallback(lambda _: None)
 
-    @staticmethod
-    def _caught_up(answer: dict[str, Any], index: int) -> dict[str, Any]:
-        if not answer["ok"]:
-            log.error(
-                "worker {worker} refused the current configuration and serves the one "
-                "tlsproxy started with: {errors}",
-                worker=index,
-                errors="; ".join(answer["errors"]),
-            )
-        return answer
-
-    def _configure(self, slot: _Slot, kind: str, data: bytes | None = None) -> Deferred[Any]:
-        """Send ``data`` (default: the current snapshot) to one worker, page by
-        page; the final page's answer."""
-        if data is None:
-            data = self.snapshot()
+    def _configure(self, slot: _Slot, kind: str) -> Deferred[Any]:
+        """Send the current snapshot to one worker, page by page; the final page's answer."""
+        data = self.snapshot()
         self._snapshots += 1
         final: Deferred[Any] | None = None
         for offset in range(0, max(len(data), 1), control.PAGE):
@@ -1009,6 +984,8 @@ def build_supervisor(
     text = read_config_text(config_path)
     config = parse_yaml(text, config.source)
     served = {"text": text}
+    # A (re)started worker takes the settings that change only at a restart from here.
+    started_with = text
     tokens = FanOutTokens()
     certificates = FanOutCertificates()
     parts = check_start(config, reactor, tokens=tokens, challenges=certificates)
@@ -1028,10 +1005,8 @@ def build_supervisor(
     def snapshot() -> bytes:
         current = runtime.current
         return encode_snapshot(
-            Snapshot(current.config.source, served["text"], current.certificates)
+            Snapshot(current.config.source, served["text"], current.certificates, started_with)
         )
-
-    started_with = snapshot()
 
     def fatal(message: str) -> None:
         # As a single process refusing to start: the reason on the terminal, and
@@ -1056,7 +1031,6 @@ def build_supervisor(
         reactor,
         drain_timeout=lambda: runtime.current.config.drain_timeout,
         snapshot=snapshot,
-        start_snapshot=lambda: started_with,
         tokens=tokens,
         certificates=certificates,
         on_fatal=fatal,

@@ -277,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
-    from tlsproxy.config import parse_yaml
+    from tlsproxy.config import parse_yaml, with_restart_settings
     from tlsproxy.errors import ConfigError
     from tlsproxy.service import build_runtime, check_start, tls_factory, wire_observers
 
@@ -299,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         """Build the engines for what the supervisor checked (files it read are not re-read)."""
         try:
             config = parse_yaml(snapshot.text, snapshot.source)
+            if snapshot.started_with is not None and snapshot.started_with != snapshot.text:
+                started = parse_yaml(snapshot.started_with, snapshot.source)
+                config = with_restart_settings(config, started)
             checked = config
             if args.access_log_fd is None and config.access_log is not None:
                 # No descriptor from the supervisor: opened below, never fatal.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -32,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests import pki
 from tests.e2e import harness
 from tests.e2e.harness import (
+    ROOT,
     TlsproxyProcess,
     free_port,
     slow_backend,
@@ -283,26 +285,37 @@ def test_a_restarted_worker_serves_what_the_parent_checked_not_the_files_now(
 
 
 def test_a_worker_restarted_after_a_reload_keeps_the_limits_the_others_have(
-    site: Site,
+    tmp_path: Path, backend: int
 ) -> None:
     """``proxy`` limits change at the next restart of tlsproxy, not at a reload: a worker
     restarted after a reload that lowered ``max_request_line`` still serves a long request
-    target like the other worker, and serves the reloaded certificate."""
-    config = yaml.safe_load(site.proxy.config_path.read_text())
-    config["proxy"] = {"max_request_line": "1K"}
-    site.proxy.config_path.write_text(yaml.safe_dump(config))
-    renewed = site.write_certificate()
-    site.reload()
-    victim, survivor = sorted(site.pids)
-    os.kill(victim, signal.SIGKILL)
-    new = ready_workers(site.proxy, 2, exclude=frozenset({victim})) - {survivor}
-    long_target = "/" + "x" * 2000
-    for pid in (*new, survivor):
-        with only(pid, {survivor, *new}):
-            status, body, leaf = site.get(long_target)
-            assert (status, body) == (200, f"done {long_target}\n".encode())
-            assert leaf.serial_number == renewed.cert.serial_number
-    assert "refused the current configuration" not in site.proxy.log
+    target like the other worker, and serves the reloaded certificate; a file that only
+    the configuration before the reload named (a ``tls.dhparam`` since moved) is not
+    needed for it to start."""
+    old_dh, new_dh = tmp_path / "dh-old.pem", tmp_path / "dh-new.pem"
+    for path in (old_dh, new_dh):
+        shutil.copy(ROOT / "tests" / "data" / "ffdhe2048.pem", path)
+    site = Site(tmp_path, backend, tls={"dhparam": str(old_dh)})
+    try:
+        config = yaml.safe_load(site.proxy.config_path.read_text())
+        config["proxy"] = {"max_request_line": "1K"}
+        config["tls"]["dhparam"] = str(new_dh)
+        site.proxy.config_path.write_text(yaml.safe_dump(config))
+        renewed = site.write_certificate()
+        site.reload()
+        old_dh.unlink()
+        victim, survivor = sorted(site.pids)
+        os.kill(victim, signal.SIGKILL)
+        new = ready_workers(site.proxy, 2, exclude=frozenset({victim})) - {survivor}
+        long_target = "/" + "x" * 2000
+        for pid in (*new, survivor):
+            with only(pid, {survivor, *new}):
+                status, body, leaf = site.get(long_target)
+                assert (status, body) == (200, f"done {long_target}\n".encode())
+                assert leaf.serial_number == renewed.cert.serial_number
+        assert "cannot start" not in site.proxy.log
+    finally:
+        site.proxy.stop()
 
 
 def test_sighup_reloads_every_worker_and_a_broken_certificate_is_refused_once(
