@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
 
 from tests import pki
 from tests.proxyharness import BACKEND, Harness, parse_requests, parse_responses, request
@@ -293,6 +294,81 @@ def test_client_auth_default_host_does_not_affect_other_hosts(tmp_path: Path) ->
     assert handshake(creator, b"other.test", server_ca)
     assert not handshake(creator, b"api.test", server_ca)
     assert not handshake(creator, None, server_ca)
+
+
+def _contexts_of(doc: dict[str, Any]) -> Any:
+    cfg = parse_config(doc, "f")
+    certs = {h.name: [load_certified_key(c)[0] for c in h.certificates] for h in cfg.hosts}
+    built, found = build_server_contexts(cfg, {k: [c for c in v if c] for k, v in certs.items()})
+    assert built is not None, found
+    return built
+
+
+def _client_context(version: int) -> SSL.Context:
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_min_proto_version(version)
+    context.set_max_proto_version(version)
+    return context
+
+
+def _resumes_without_certificate(
+    creator: SNIConnectionCreator, context: SSL.Context, session: SSL.Session | None
+) -> tuple[bool, bool, SSL.Session | None]:
+    """A certificate-less client's handshake with api.test offering ``session``:
+    whether it completed, whether it resumed, and the session to offer next."""
+    client = SSL.Connection(context, None)
+    client.set_connect_state()
+    client.set_tlsext_host_name(b"api.test")
+    if session is not None:
+        client.set_session(session)
+    server = creator.serverConnectionForTLS(None)
+    server.set_accept_state()
+    for _ in range(20):
+        for conn in (client, server):
+            try:
+                conn.do_handshake()
+            except SSL.WantReadError:
+                pass
+            except SSL.Error:
+                return False, False, None
+        for a, b in ((client, server), (server, client)):
+            with contextlib.suppress(SSL.WantReadError):
+                b.bio_write(a.bio_read(65536))
+        try:
+            client.write(b"x")
+            server.bio_write(client.bio_read(65536))
+            server.recv(1)
+            server.write(b"y")  # carries TLS 1.3 tickets along
+            client.bio_write(server.bio_read(65536))
+            client.recv(1)
+        except SSL.WantReadError:
+            continue
+        except SSL.Error:
+            return False, False, None
+        reused = bool(_lib.SSL_session_reused(client._ssl))
+        client.shutdown()
+        server.shutdown()
+        return True, reused, client.get_session()
+    return False, False, None
+
+
+@pytest.mark.parametrize("version", [SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION])
+def test_a_session_from_before_client_auth_was_added_does_not_resume(
+    tmp_path: Path, version: int
+) -> None:
+    """A client that resumed sessions on a host without client certificates is asked for
+    one once a reload makes the host require it: its old session does not resume (it
+    would skip the certificate request), so a client without a certificate is refused."""
+    creator = SNIConnectionCreator(_contexts_of(site_doc(tmp_path, None)))
+    client = _client_context(version)
+    ok, _, session = _resumes_without_certificate(creator, client, None)
+    assert ok and session is not None
+    ok, reused, session = _resumes_without_certificate(creator, client, session)
+    assert ok and reused, "control: sessions resume before the reload"
+    clients = pki.write_ca_file(tmp_path, pki.make_ca(fresh=True), "clients.pem")
+    creator.swap(_contexts_of(site_doc(tmp_path, {"ca": str(clients)})))
+    ok, reused, _ = _resumes_without_certificate(creator, client, session)
+    assert not ok and not reused
 
 
 def test_identity_headers_are_dropped_on_every_site(tmp_path: Path) -> None:

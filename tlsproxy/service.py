@@ -414,7 +414,7 @@ def build_runtime(
     pools = UpstreamPools(reactor, settings)
     top_ports: list[Any] = []
     proxy = ProxyFactory(router=prepared.router, pools=pools, clock=reactor, settings=settings)
-    creator = SNIConnectionCreator(prepared.contexts, now=reactor.seconds)
+    creator = SNIConnectionCreator(prepared.contexts)  # rotation on the monotonic clock
     plain_site = make_plain_site(config, parts.tokens, reactor=reactor)
     runtime = Runtime(
         prepared,

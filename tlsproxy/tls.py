@@ -358,13 +358,14 @@ class ServerContexts:
     context; ``default`` is the default host's context, used when the client
     sends no SNI or a name no host matches.  ``verify_modes`` holds the
     contexts of hosts with ``client_auth`` and their verify modes (the others
-    verify nothing).
+    verify nothing); ``client_auth`` the same by host name, to compare two sets.
     """
 
     hosts: HostTable[SSL.Context]
     default: SSL.Context
     parameters: TLSParameters
     verify_modes: Mapping[SSL.Context, int] = attrs.field(factory=dict)
+    client_auth: frozenset[tuple[str, int]] = frozenset()
 
     def context_for(self, server_name: bytes | str | None) -> SSL.Context:
         """The context serving ``server_name`` (raw SNI), or the default's."""
@@ -419,6 +420,7 @@ def build_server_contexts(
         return None, problems
     table: HostTable[SSL.Context] = HostTable()
     verify_modes: dict[SSL.Context, int] = {}
+    client_auth: set[tuple[str, int]] = set()
     default: SSL.Context | None = None
     for host in config.hosts:
         keys = certificates.get(host.name, ())
@@ -454,6 +456,7 @@ def build_server_contexts(
             if material is not None:
                 configure_context(context, material)
                 verify_modes[context] = material.verify_mode
+                client_auth.update((name, material.verify_mode) for name in host.names)
         for name in host.names:
             if name not in table:
                 table.add(name, context)
@@ -473,15 +476,21 @@ def build_server_contexts(
         openssl=openssl_version(),
     )
     return (
-        ServerContexts(hosts=table, default=default, parameters=params, verify_modes=verify_modes),
+        ServerContexts(
+            hosts=table,
+            default=default,
+            parameters=params,
+            verify_modes=verify_modes,
+            client_auth=frozenset(client_auth),
+        ),
         problems,
     )
 
 
-def _session_key(contexts: ServerContexts) -> tuple[TLSParameters, bool]:
-    """What a session context is made from: the policy, and whether the default
-    host verifies client certificates (see `_SessionContext`)."""
-    return contexts.parameters, contexts.default in contexts.verify_modes
+def _session_key(contexts: ServerContexts) -> tuple[TLSParameters, frozenset[tuple[str, int]]]:
+    """What a session context is made for: the policy, and which hosts verify client
+    certificates how (see `_SessionContext`)."""
+    return contexts.parameters, contexts.client_auth
 
 
 class _SessionContext:
@@ -489,13 +498,16 @@ class _SessionContext:
 
     Holds the policy but no certificate; OpenSSL keeps the session cache and
     the session-ticket keys (made at random when the context is created) in
-    it.  ``contexts`` is replaced on reload while `_session_key` stays the same.
+    it.  ``contexts`` is replaced on reload while `_session_key` stays the same:
+    a reload that adds ``client_auth`` to a host (or changes its mode) starts
+    afresh, so that no session made without a client certificate resumes there.
 
-    When the default host verifies client certificates, it issues no stateless
-    tickets (see `_switch_to_host`); OpenSSL looks a TLS 1.3 session up in its
-    cache or decrypts it as a ticket before the servername callback runs, by
-    the options the connection starts with, so then every connection starts
-    without stateless tickets, and its TLS 1.3 sessions resume from the cache.
+    Client-auth hosts issue no stateless tickets (see `_switch_to_host`), and
+    OpenSSL decides between its session cache and a ticket before the
+    servername callback runs, by the options the connection starts with: so
+    when any host verifies client certificates, every connection starts
+    without stateless tickets and sessions resume from the cache (TLS 1.3
+    included) on every host.
     """
 
     def __init__(self, contexts: ServerContexts, created: float) -> None:
@@ -504,7 +516,7 @@ class _SessionContext:
         self.parameters = contexts.parameters
         self.created = created
         self.context = _policy_context(contexts.parameters)
-        if self.key[1]:
+        if contexts.client_auth:
             self.context.set_options(SSL.OP_NO_TICKET)
         self.context.set_tlsext_servername_callback(self._on_servername)
 
@@ -538,8 +550,8 @@ class SNIConnectionCreator:
     def swap(self, contexts: ServerContexts) -> ServerContexts:
         """Serve new connections from ``contexts``; return the previous ones.
 
-        Sessions stay resumable if the TLS policy is unchanged (and whether
-        the default host verifies client certificates).  A reference
+        Sessions stay resumable if the TLS policy and the hosts' client
+        certificate settings are unchanged.  A reference
         assignment, so it is atomic; connections keep the contexts their
         handshake chose until they close.
         """
