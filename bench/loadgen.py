@@ -106,11 +106,16 @@ def handshake(c: Conn, sel: selectors.BaseSelector) -> str:
     return "done"
 
 
-def run_loop(sel: selectors.BaseSelector, step: Callable[[Any], None], until: float) -> None:
+def run_loop(sel: selectors.BaseSelector, step: Callable[[Any], None], until: float) -> int:
     """Call ``step`` with each ready connection until none is left or the
-    monotonic clock passes ``until``; then close what is still open."""
+    monotonic clock passes ``until``; then close what is still open.
+
+    :return: how many connections were still open (stalled: count them as errors).
+    """
     while sel.get_map() and time.monotonic() < until:
         for key, _events in sel.select(timeout=0.5):
             step(key.data)
-    for key in list(sel.get_map().values()):
+    stalled = list(sel.get_map().values())
+    for key in stalled:
         key.fileobj.close()  # type: ignore[union-attr]
+    return len(stalled)

@@ -153,11 +153,11 @@ def _per_cpu(m: dict[str, Any], rate_key: str, cpu_key: str, out_key: str) -> No
 def _without_errors(
     peer: str, label: str, runs: Sequence[Mapping[str, Any]], count: str, problems: list[str]
 ) -> list[Mapping[str, Any]]:
-    """The runs whose errors are within `MAX_ERROR_SHARE` of their ``count``;
-    each other one is added to ``problems``."""
+    """The runs that completed something, with errors within `MAX_ERROR_SHARE`
+    of their ``count``; each other one is added to ``problems``."""
     clean = []
     for r in runs:
-        if sum(r["errors"].values()) > MAX_ERROR_SHARE * max(1, r[count]):
+        if not r[count] or sum(r["errors"].values()) > MAX_ERROR_SHARE * r[count]:
             problems.append(f"{peer}: {label} run with errors {r['errors']}")
         else:
             clean.append(r)
@@ -189,7 +189,7 @@ def aggregate(
         counted = []
         for r in raw.get(kind, ()):
             done = max(1, r["handshakes"])
-            bad = sum(r["errors"].values()) > MAX_ERROR_SHARE * done
+            bad = not r["handshakes"] or sum(r["errors"].values()) > MAX_ERROR_SHARE * done
             if kind == "handshake":
                 bad = bad or r["resumed"] > 0
             else:

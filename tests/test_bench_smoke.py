@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import configs, measure, profile, report, websocket, wsecho
+from bench import configs, loadgen, measure, profile, report, websocket, wsecho
 from bench.handshake import _complete
 from tests.e2e.harness import IN_CI, ROOT, free_port, need_tool, wait_for_port
 
@@ -188,6 +188,33 @@ def test_websocket_runs_with_errors_do_not_count() -> None:
     assert metrics["ws_msgs_per_s"] == 100.0
     assert metrics["ws_per_cpu_s"] == 200.0
     assert problems == ["haproxy: WebSocket run with errors {'echo': 30}"]
+
+
+def test_a_stalled_connection_is_counted_and_closed_at_the_time_limit() -> None:
+    """The load generators' loop ends at its time limit even if a connection never
+    becomes ready, closes it and reports it (as a ``stalled`` error)."""
+    import selectors
+    import socket
+    import time
+
+    a, b = socket.socketpair()
+    sel = selectors.DefaultSelector()
+    sel.register(a, selectors.EVENT_READ, None)
+    started = time.monotonic()
+    assert loadgen.run_loop(sel, lambda data: None, started + 0.2) == 1
+    assert time.monotonic() - started < 5
+    assert a.fileno() == -1
+    b.close()
+
+
+def test_a_run_that_completed_nothing_does_not_count() -> None:
+    """A run with no completed request, handshake or message is a problem, not a rate of 0."""
+    empty = {"rate": 0.0, "handshakes": 0, "errors": {"stalled": 0}, "resumed": 0, "cpu_pct": 1}
+    ws = {"rate": 0.0, "messages": 0, "errors": {"stalled": 0}, "p99_ms": 0.0, "cpu_pct": 1}
+    metrics: dict[str, float] = {}
+    problems = report.aggregate("x", {"handshake": [empty], "websocket": [ws]}, metrics)
+    assert "handshakes_per_s" not in metrics and "ws_msgs_per_s" not in metrics
+    assert len(problems) == 2
 
 
 def test_every_proxy_gets_the_same_tls_settings(tmp_path: Path) -> None:
