@@ -243,15 +243,21 @@ def test_optional_site_drops_client_sent_identity_headers() -> None:
     assert seen.header(b"Accept") == b"*/*"
 
 
-def handshake(creator: SNIConnectionCreator, sni: bytes | None, ca_file: Path) -> bool:
-    """A memory-BIO handshake of a certificate-less client with a connection of
-    ``creator``; whether it completed."""
-    client_ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
-    client_ctx.load_verify_locations(str(ca_file))
-    client = SSL.Connection(client_ctx, None)
+def _exchange(
+    creator: SNIConnectionCreator,
+    context: SSL.Context,
+    sni: bytes | None,
+    session: SSL.Session | None = None,
+) -> tuple[SSL.Connection, SSL.Connection] | None:
+    """A memory-BIO handshake of a certificate-less client (``context``, offering
+    ``session``) with a connection of ``creator``, and one byte each way (which
+    also carries TLS 1.3 tickets); the client and server, or None if refused."""
+    client = SSL.Connection(context, None)
     client.set_connect_state()
     if sni is not None:
         client.set_tlsext_host_name(sni)
+    if session is not None:
+        client.set_session(session)
     server = creator.serverConnectionForTLS(None)
     server.set_accept_state()
     for _ in range(20):
@@ -261,7 +267,7 @@ def handshake(creator: SNIConnectionCreator, sni: bytes | None, ca_file: Path) -
             except SSL.WantReadError:
                 pass
             except SSL.Error:
-                return False
+                return None
         for a, b in ((client, server), (server, client)):
             with contextlib.suppress(SSL.WantReadError):
                 b.bio_write(a.bio_read(65536))
@@ -269,12 +275,22 @@ def handshake(creator: SNIConnectionCreator, sni: bytes | None, ca_file: Path) -
             client.write(b"x")  # TLS 1.3: a refused client hears so at its first use
             server.bio_write(client.bio_read(65536))
             server.recv(1)
-            return True
+            server.write(b"y")
+            client.bio_write(server.bio_read(65536))
+            client.recv(1)
+            return client, server
         except SSL.WantReadError:
             continue
         except SSL.Error:
-            return False
-    return False
+            return None
+    return None
+
+
+def handshake(creator: SNIConnectionCreator, sni: bytes | None, ca_file: Path) -> bool:
+    """Whether a certificate-less client's handshake with ``creator`` completes."""
+    client_ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    client_ctx.load_verify_locations(str(ca_file))
+    return _exchange(creator, client_ctx, sni) is not None
 
 
 def test_client_auth_default_host_does_not_affect_other_hosts(tmp_path: Path) -> None:
@@ -316,40 +332,14 @@ def _resumes_without_certificate(
 ) -> tuple[bool, bool, SSL.Session | None]:
     """A certificate-less client's handshake with api.test offering ``session``:
     whether it completed, whether it resumed, and the session to offer next."""
-    client = SSL.Connection(context, None)
-    client.set_connect_state()
-    client.set_tlsext_host_name(b"api.test")
-    if session is not None:
-        client.set_session(session)
-    server = creator.serverConnectionForTLS(None)
-    server.set_accept_state()
-    for _ in range(20):
-        for conn in (client, server):
-            try:
-                conn.do_handshake()
-            except SSL.WantReadError:
-                pass
-            except SSL.Error:
-                return False, False, None
-        for a, b in ((client, server), (server, client)):
-            with contextlib.suppress(SSL.WantReadError):
-                b.bio_write(a.bio_read(65536))
-        try:
-            client.write(b"x")
-            server.bio_write(client.bio_read(65536))
-            server.recv(1)
-            server.write(b"y")  # carries TLS 1.3 tickets along
-            client.bio_write(server.bio_read(65536))
-            client.recv(1)
-        except SSL.WantReadError:
-            continue
-        except SSL.Error:
-            return False, False, None
-        reused = bool(_lib.SSL_session_reused(client._ssl))
-        client.shutdown()
-        server.shutdown()
-        return True, reused, client.get_session()
-    return False, False, None
+    pair = _exchange(creator, context, b"api.test", session)
+    if pair is None:
+        return False, False, None
+    client, server = pair
+    reused = bool(_lib.SSL_session_reused(client._ssl))
+    client.shutdown()  # a connection freed without close_notify spoils its session
+    server.shutdown()
+    return True, reused, client.get_session()
 
 
 @pytest.mark.parametrize("version", [SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION])
