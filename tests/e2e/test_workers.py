@@ -196,6 +196,13 @@ class Site:
     def get(self, path: str = "/") -> tuple[int, bytes, x509.Certificate]:
         return https_get(self.https_port, self.ca_file, path)
 
+    def replace_a_worker(self) -> tuple[int, int]:
+        """kill -9 one worker and wait until its replacement is ready: (new pid, survivor)."""
+        victim, survivor = sorted(self.pids)
+        os.kill(victim, signal.SIGKILL)
+        new = ready_workers(self.proxy, 2, exclude=frozenset({victim})) - {survivor}
+        return next(iter(new)), survivor
+
     def reload(self) -> None:
         """SIGHUP to the parent, then wait until both workers reloaded."""
         before = [self.proxy.log.count(f"[worker-{i}] reloaded") for i in (0, 1)]
@@ -276,10 +283,8 @@ def test_a_restarted_worker_serves_what_the_parent_checked_not_the_files_now(
     serves the certificate in service, like the others."""
     other = site.ca.issue(["other.test"])
     site.pem.write_bytes(pki.key_pem(other.key) + pki.cert_pem(site.leaf.cert))  # key mismatch
-    victim, survivor = sorted(site.pids)
-    os.kill(victim, signal.SIGKILL)
-    new = ready_workers(site.proxy, 2, exclude=frozenset({victim})) - {survivor}
-    with only(next(iter(new)), {survivor, *new}):
+    new, survivor = site.replace_a_worker()
+    with only(new, {survivor, new}):
         assert site.get()[2].serial_number == site.leaf.cert.serial_number
     assert "cannot start" not in site.proxy.log
 
@@ -304,12 +309,10 @@ def test_a_worker_restarted_after_a_reload_keeps_the_limits_the_others_have(
         renewed = site.write_certificate()
         site.reload()
         old_dh.unlink()
-        victim, survivor = sorted(site.pids)
-        os.kill(victim, signal.SIGKILL)
-        new = ready_workers(site.proxy, 2, exclude=frozenset({victim})) - {survivor}
+        new, survivor = site.replace_a_worker()
         long_target = "/" + "x" * 2000
-        for pid in (*new, survivor):
-            with only(pid, {survivor, *new}):
+        for pid in (new, survivor):
+            with only(pid, {survivor, new}):
                 status, body, leaf = site.get(long_target)
                 assert (status, body) == (200, f"done {long_target}\n".encode())
                 assert leaf.serial_number == renewed.cert.serial_number
@@ -397,10 +400,8 @@ def test_sigusr1_to_the_parent_makes_every_worker_reopen_the_access_log(
         assert all(line.count('"GET ') == 1 for line in log_path.read_text().splitlines())
 
         # A worker started after the rotation gets the parent's reopened file.
-        victim, survivor = sorted(s.pids)
-        os.kill(victim, signal.SIGKILL)
-        new = ready_workers(s.proxy, 2, exclude=frozenset({victim})) - {survivor}
-        with only(next(iter(new)), {survivor, *new}):
+        new, survivor = s.replace_a_worker()
+        with only(new, {survivor, new}):
             assert s.get("/from-the-new-worker")[0] == 200
         wait_for(
             lambda: "/from-the-new-worker" in log_path.read_text(),
@@ -616,10 +617,8 @@ def test_a_failed_access_log_reopen_does_not_keep_a_restarted_worker_down(
         log_path.mkdir()  # the new file cannot be opened
         s.proxy.proc.send_signal(signal.SIGUSR1)
         wait_for(lambda: "cannot reopen" in s.proxy.log, "the failed reopen logged", s.proxy)
-        victim, survivor = sorted(s.pids)
-        os.kill(victim, signal.SIGKILL)
-        new = ready_workers(s.proxy, 2, exclude=frozenset({victim})) - {survivor}
-        with only(next(iter(new)), {survivor, *new}):
+        new, survivor = s.replace_a_worker()
+        with only(new, {survivor, new}):
             assert s.get("/from-the-new-worker")[0] == 200
         wait_for(
             lambda: "/from-the-new-worker" in (tmp_path / "access.log.1").read_text(),
