@@ -2,10 +2,11 @@
 
 One job: orchestrate a run.  It makes a private run directory with the test
 certificate and a 64 MiB body, starts the backends (nginx, and the WebSocket
-echo server `bench.wsecho`) and every peer (nginx,
-HAProxy, tlsproxy, stock twisted.web.proxy) pinned as `Pinning` says, checks
-what TLS each negotiates, measures every peer the same way in turns (each
-round rotates the order), records CPU and memory from ``/proc``, optionally
+echo server `bench.wsecho`) and every peer (nginx, HAProxy, tlsproxy, the
+minimal relay `bench.minimal_relay`, stock twisted.web.proxy) pinned as
+`Pinning` says, checks what TLS each negotiates, measures every peer the same
+way in turns (each round rotates the order; the minimal relay only for
+keep-alive requests), records CPU and memory from ``/proc``, optionally
 profiles tlsproxy with py-spy, prints the table and writes JSON and Markdown.
 
 Every process it starts is stopped when it ends, fails or is interrupted
@@ -36,7 +37,7 @@ from bench import configs, measure, profile, report
 from bench.processes import Pinning, ProcessGroup, Server, free_port, pinned
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_PEERS = ("nginx", "haproxy", "tlsproxy", "twisted", "nginx-2w", "tlsproxy-2w")
+ALL_PEERS = ("nginx", "haproxy", "tlsproxy", "minimal", "twisted", "nginx-2w", "tlsproxy-2w")
 #: Peers running two worker processes on all CPUs (not pinned to the proxy's CPU).
 MULTI_WORKER_PEERS = ("nginx-2w", "tlsproxy-2w")
 #: Stock twisted.web.proxy neither proxies WebSockets nor resumes TLS sessions (Twisted's
@@ -46,6 +47,9 @@ NO_WEBSOCKET_PEERS = ("twisted",)
 #: with 2 workers, where a session resumes only in the worker that issued it (README,
 #: "Workers"), so about half of the offered sessions resume.
 NO_RESUMPTION_PEERS = ("twisted", "tlsproxy-2w")
+#: Measured for keep-alive requests only: the minimal relay (`bench.minimal_relay`), which
+#: shows what tlsproxy's engine costs per request; it has no other features to measure.
+KEEPALIVE_ONLY_PEERS = ("minimal",)
 
 
 def _nginx_command(prefix: Path, conf: Path) -> list[str]:
@@ -230,7 +234,7 @@ class Run:
                     )
                 )
                 command = ["haproxy", "-db", "-f", str(conf)]
-            elif peer in ("tlsproxy", "tlsproxy-2w"):
+            elif peer in ("tlsproxy", "tlsproxy-2w", "minimal"):
                 conf = self.workdir / f"{peer}.yaml"
                 conf.write_text(
                     yaml.safe_dump(
@@ -243,9 +247,14 @@ class Run:
                         )
                     )
                 )
-                twistd = str(Path(sys.executable).parent / "twistd")
-                command = [twistd, "-n", "--pidfile=", "tlsproxy", "--config", str(conf)]
-                cwd = self.workdir
+                if peer == "minimal":
+                    command = [sys.executable, "-m", "bench.minimal_relay", "--port", str(port)]
+                    command += ["--config", str(conf)]
+                    cwd = ROOT
+                else:
+                    twistd = str(Path(sys.executable).parent / "twistd")
+                    command = [twistd, "-n", "--pidfile=", "tlsproxy", "--config", str(conf)]
+                    cwd = self.workdir
             else:
                 command = [
                     sys.executable,
@@ -321,10 +330,11 @@ class Run:
             self.log(f"{peer}: warm-up failed: {str(exc)[:200]}")
 
     def handshakes(self, peer: str) -> None:
-        self._handshakes(peer, resume=False)
+        if peer not in KEEPALIVE_ONLY_PEERS:
+            self._handshakes(peer, resume=False)
 
     def resumptions(self, peer: str) -> None:
-        if peer not in NO_RESUMPTION_PEERS:
+        if peer not in NO_RESUMPTION_PEERS + KEEPALIVE_ONLY_PEERS:
             self._handshakes(peer, resume=True)
 
     def _handshakes(self, peer: str, *, resume: bool) -> None:
@@ -349,7 +359,7 @@ class Run:
             )
 
     def websockets(self, peer: str) -> None:
-        if peer in NO_WEBSOCKET_PEERS:
+        if peer in NO_WEBSOCKET_PEERS + KEEPALIVE_ONLY_PEERS:
             return
         s = self.settings
         r = self._measured(
@@ -370,6 +380,8 @@ class Run:
             )
 
     def bulk(self, peer: str, direction: str) -> None:
+        if peer in KEEPALIVE_ONLY_PEERS:
+            return
         upload = self.upload if direction == "upload" else None
         r = self._measured(
             peer,

@@ -29,6 +29,7 @@ PEER_LABELS: dict[str, str] = {
     "nginx": "nginx (1 worker)",
     "haproxy": "HAProxy (1 thread)",
     "tlsproxy": "tlsproxy (1 process)",
+    "minimal": "minimal relay (no checks)",
     "twisted": "twisted.web.proxy (stock)",
     "nginx-2w": "nginx (2 workers)",
     "tlsproxy-2w": "tlsproxy (2 workers)",

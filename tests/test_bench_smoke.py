@@ -340,7 +340,9 @@ def test_handshake_generator_resumes_a_session_only_when_told(tmp_path: Path, re
 @pytest.mark.e2e
 def test_short_benchmark_of_nginx_and_tlsproxy_produces_results(tmp_path: Path) -> None:
     """A very short run against nginx and tlsproxy measures every quantity for both (and
-    tlsproxy's RSS over a short soak), writes JSON and Markdown, and leaves no server running."""
+    tlsproxy's RSS over a short soak), and keep-alive requests through the minimal relay
+    (with tlsproxy's TLS settings); it writes JSON and Markdown, and leaves no server
+    running."""
     for tool in ("nginx", "wrk", "curl", "openssl"):
         need_tool(tool)
     if not configs.ECHO_MODULE.exists():
@@ -355,7 +357,7 @@ def test_short_benchmark_of_nginx_and_tlsproxy_produces_results(tmp_path: Path) 
             "bench",
             "--short",
             "--peers",
-            "nginx,tlsproxy",
+            "nginx,tlsproxy,minimal",
             "--duration",
             "1",
             "--warmup",
@@ -392,7 +394,10 @@ def test_short_benchmark_of_nginx_and_tlsproxy_produces_results(tmp_path: Path) 
             assert m[key] > 0, (peer, key)
         assert results["tls"][peer]["tls13"]["group"] == "X25519"
     assert results["metrics"]["tlsproxy"]["soak_rss_change_pct"] >= 0
-    assert results["tls"]["nginx"] == results["tls"]["tlsproxy"]
+    assert results["tls"]["nginx"] == results["tls"]["tlsproxy"] == results["tls"]["minimal"]
+    minimal = results["metrics"]["minimal"]
+    assert minimal["keepalive_rps"] > 0
+    assert "handshakes_per_s" not in minimal and "download_mb_s" not in minimal
     assert re.search(rf"keep-alive requests/s +[\d,]+ +[\d,]+ \(\d+\.\d\d{X}\)", proc.stdout)
     assert (tmp_path / "latest.md").read_text().startswith("# tlsproxy benchmark")
     run_dir = re.search(r"run directory (\S+);", proc.stdout)
