@@ -248,8 +248,7 @@ class Run:
                     )
                 )
                 if peer == "minimal":
-                    command = [sys.executable, "-m", "bench.minimal_relay", "--port", str(port)]
-                    command += ["--config", str(conf)]
+                    command = [sys.executable, "-m", "bench.minimal_relay", "--config", str(conf)]
                     cwd = ROOT
                 else:
                     twistd = str(Path(sys.executable).parent / "twistd")
@@ -330,11 +329,10 @@ class Run:
             self.log(f"{peer}: warm-up failed: {str(exc)[:200]}")
 
     def handshakes(self, peer: str) -> None:
-        if peer not in KEEPALIVE_ONLY_PEERS:
-            self._handshakes(peer, resume=False)
+        self._handshakes(peer, resume=False)
 
     def resumptions(self, peer: str) -> None:
-        if peer not in NO_RESUMPTION_PEERS + KEEPALIVE_ONLY_PEERS:
+        if peer not in NO_RESUMPTION_PEERS:
             self._handshakes(peer, resume=True)
 
     def _handshakes(self, peer: str, *, resume: bool) -> None:
@@ -359,7 +357,7 @@ class Run:
             )
 
     def websockets(self, peer: str) -> None:
-        if peer in NO_WEBSOCKET_PEERS + KEEPALIVE_ONLY_PEERS:
+        if peer in NO_WEBSOCKET_PEERS:
             return
         s = self.settings
         r = self._measured(
@@ -380,8 +378,6 @@ class Run:
             )
 
     def bulk(self, peer: str, direction: str) -> None:
-        if peer in KEEPALIVE_ONLY_PEERS:
-            return
         upload = self.upload if direction == "upload" else None
         r = self._measured(
             peer,
@@ -408,11 +404,14 @@ class Run:
         order = list(self.peers)
         for round_no in range(self.settings.rounds):
             self.log(f"round {round_no + 1} of {self.settings.rounds}: order {', '.join(order)}")
-            for step in (self.keepalive, self.handshakes, self.resumptions, self.websockets):
-                for peer in order:
+            for peer in order:
+                self.keepalive(peer)
+            full = [p for p in order if p not in KEEPALIVE_ONLY_PEERS]
+            for step in (self.handshakes, self.resumptions, self.websockets):
+                for peer in full:
                     step(peer)
             for direction in ("download", "upload"):
-                for peer in order:
+                for peer in full:
                     self.bulk(peer, direction)
             order = order[1:] + order[:1]
 
@@ -560,15 +559,15 @@ def pinned_py_spy(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Benchmark tlsproxy side by side with nginx, HAProxy and stock "
-        "twisted.web.proxy on 127.0.0.1 (see README.md, Performance).",
+        description="Benchmark tlsproxy side by side with nginx, HAProxy, a minimal relay and "
+        "stock twisted.web.proxy on 127.0.0.1 (see README.md, Performance).",
     )
     parser.add_argument(
         "--mode",
         choices=sorted(MODES),
         default="full",
         help="short: 1 round of 4 s runs, under 2 minutes; full (default): 5 rounds of "
-        "8 s runs, about 17 minutes",
+        "8 s runs, about 18 minutes",
     )
     parser.add_argument(
         "--short", dest="mode", action="store_const", const="short", help="same as --mode short"

@@ -1,19 +1,20 @@
 """The minimal relay: the least a proxy on tlsproxy's fast path does per request.
 
-One job: serve HTTPS on 127.0.0.1 exactly as tlsproxy would for the same
-configuration file (its TLS contexts, its TLS transport `tlsproxy.tlsconn`,
-its eager sends and its reactor), and relay keep-alive requests to the first
+One job: serve HTTPS on the first ``listen.https`` endpoint of a tlsproxy
+configuration file exactly as tlsproxy would (its TLS contexts, its TLS
+transport `tlsproxy.tlsconn`, its eager sends and its reactor), and relay keep-alive requests to the first
 host's backend over one backend connection per client connection, parsing
 both directions with ``httptools`` as the issue's feasibility probe did: the
 request's method, target and header fields are copied to the backend with an
 ``X-Forwarded-For`` added, and the backend's bytes are sent back unchanged.
 
-Nothing else: no checks of the request or the response, no limits, no
-timeouts, no routing, no header policy, no HSTS, no error pages, no request
-bodies, no pool.  It is a benchmark peer only, measured for keep-alive small
-requests alone, and must stay this small: the gap between it and tlsproxy is
-what tlsproxy's engine (its strictness and features) costs per request, the
-gap between it and nginx what Python, Twisted and memory-BIO TLS cost.
+Nothing else: no checks of the request or the response (the response goes
+through httptools and nothing is done with it), no limits, no timeouts, no
+routing, no header policy, no HSTS, no error pages, no request bodies, no
+pool.  It is a benchmark peer only, measured for keep-alive small requests
+alone, and must stay this small: the gap between it and tlsproxy is what
+tlsproxy's engine (its strictness and features) costs per request, the gap
+between it and nginx what Python, Twisted and memory-BIO TLS cost.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ import sys
 from typing import Any
 
 import httptools
-from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
 from tlsproxy import eager, tls
 from tlsproxy import reactor as proxy_reactor
 from tlsproxy.config import load_config
-from tlsproxy.service import load_certificates
+from tlsproxy.listeners import parse_endpoints
+from tlsproxy.plain import ChallengeTokens
+from tlsproxy.service import prepare
 from tlsproxy.tlsconn import TLSServerFactory
 
 
@@ -138,23 +140,22 @@ class _ClientFactory(Factory):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--config", required=True, help="a tlsproxy configuration file")
     ns = parser.parse_args(argv)
 
     reactor = proxy_reactor.install()
     config = load_config(ns.config)
-    certificates, problems = load_certificates(config, datetime.datetime.now(datetime.UTC))
-    contexts, tls_problems = tls.build_server_contexts(config, certificates)
-    errors = [p for p in problems + tls_problems if not p.warning]
-    if contexts is None or errors:
-        raise SystemExit(f"{ns.config}: {errors}")
+    # Checked and built as tlsproxy does; listening as on its first listen.https endpoint.
+    prepared = prepare(config, ChallengeTokens(), datetime.datetime.now(datetime.UTC))
+    endpoints, problems = parse_endpoints(reactor, config.listen.https[:1], "listen.https")
+    if problems or not endpoints:
+        raise SystemExit(f"{ns.config}: {problems or 'no listen.https endpoint'}")
     backend = config.hosts[0].backend
     factory = TLSServerFactory(
-        tls.SNIConnectionCreator(contexts), _ClientFactory(reactor, (backend.host, backend.port))
+        tls.SNIConnectionCreator(prepared.contexts),
+        _ClientFactory(reactor, (backend.host, backend.port)),
     )
-    endpoint = TCP4ServerEndpoint(reactor, ns.port, backlog=4096, interface="127.0.0.1")
-    eager.eager_endpoint(reactor, endpoint).listen(factory)
+    eager.eager_endpoint(reactor, endpoints[0]).listen(factory)
     reactor.run()
     return 0
 

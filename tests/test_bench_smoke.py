@@ -338,7 +338,7 @@ def test_handshake_generator_resumes_a_session_only_when_told(tmp_path: Path, re
 
 
 @pytest.mark.e2e
-def test_short_benchmark_of_nginx_and_tlsproxy_produces_results(tmp_path: Path) -> None:
+def test_short_benchmark_of_nginx_tlsproxy_and_the_relay_produces_results(tmp_path: Path) -> None:
     """A very short run against nginx and tlsproxy measures every quantity for both (and
     tlsproxy's RSS over a short soak), and keep-alive requests through the minimal relay
     (with tlsproxy's TLS settings); it writes JSON and Markdown, and leaves no server
