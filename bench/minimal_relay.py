@@ -2,11 +2,12 @@
 
 One job: serve HTTPS on the first ``listen.https`` endpoint of a tlsproxy
 configuration file exactly as tlsproxy would (its TLS contexts, its TLS
-transport `tlsproxy.tlsconn`, its eager sends and its reactor), and relay keep-alive requests to the first
-host's backend over one backend connection per client connection, parsing
-both directions with ``httptools`` as the issue's feasibility probe did: the
-request's method, target and header fields are copied to the backend with an
-``X-Forwarded-For`` added, and the backend's bytes are sent back unchanged.
+transport `tlsproxy.tlsconn`, its eager sends and its reactor), and relay
+keep-alive requests to the first host's backend over one backend connection
+per client connection, parsing both directions with ``httptools`` as the
+issue's feasibility probe did: the request's method, target and header fields
+are copied to the backend with an ``X-Forwarded-For`` added, and the backend's
+bytes are sent back unchanged.
 
 Nothing else: no checks of the request or the response (the response goes
 through httptools and nothing is done with it), no limits, no timeouts, no
